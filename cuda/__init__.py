@@ -1,0 +1,1 @@
+"""GPU kernels and attention processors (Triton). Empty until the attention-kernel issue lands."""

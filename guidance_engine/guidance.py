@@ -1,0 +1,190 @@
+"""The guidance contract: what a method tells the sampler core, and what it gets back.
+
+Per step the core asks a method which branches it needs (:meth:`Guidance.branches`), evaluates
+them in one batched forward, wraps each in a :class:`~guidance_engine.prediction.Prediction` and
+asks the method to :meth:`~Guidance.combine` them into a :class:`GuidedPrediction`: the x0 to move
+with and the eps to renoise with (one and the same for CFG; the unconditional eps for CFG++).
+
+A method object is immutable, validated config (STYLE rule 5). Everything that changes during a
+run (APG's momentum, per-sample switches) lives in the state object that
+:meth:`~Guidance.init_state` creates for each call and the core passes back at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from .prediction import Prediction
+
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+
+
+def param(default: Any, *, low: float | None = None, high: float | None = None,
+          choices: tuple[Any, ...] | None = None, doc: str = "", low_open: bool = False) -> Any:
+    """A method parameter: its default, accepted range (closed unless ``low_open``) and meaning."""
+    return field(default=default, metadata={"low": low, "high": high, "choices": choices,
+                                            "doc": doc, "low_open": low_open})
+
+
+def describe_range(meta: Mapping[str, Any]) -> str:
+    """The accepted values of a parameter, as the error messages and ``methods`` print them."""
+    if meta.get("choices") is not None:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    low, high = meta.get("low"), meta.get("high")
+    left = "(" if meta.get("low_open") or low is None else "["
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None or math.isinf(high) else f"{high:g}"
+    right = ")" if high is None or math.isinf(high) else "]"
+    return f"{left}{lo}, {hi}{right}"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the sampler is: step ``index`` of ``num_steps``, moving from ``sigma`` to ``sigma_next``.
+
+    ``sigma`` is the noise-to-signal ratio sigma_t / alpha_t (k-diffusion's sigma; ``inf`` at the
+    pure-noise end of a flow schedule), so intervals in sigma mean the same for every model family.
+    """
+
+    index: int
+    num_steps: int
+    sigma: float
+    sigma_next: float
+    timestep: float
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run already done, in [0, 1)."""
+        return self.index / self.num_steps
+
+
+@dataclass(frozen=True, eq=False)
+class GuidedPrediction:
+    """The outcome of a guidance step: move with ``denoise.x0``, renoise with ``renoise.eps``."""
+
+    denoise: Prediction
+    renoise: Prediction
+
+    @classmethod
+    def single(cls, prediction: Prediction) -> GuidedPrediction:
+        """A guided prediction that moves and renoises with the same prediction (CFG and kin)."""
+        return cls(prediction, prediction)
+
+    @property
+    def split(self) -> bool:
+        """True when renoising uses another prediction than denoising (CFG++)."""
+        return self.renoise is not self.denoise
+
+
+@dataclass(frozen=True, kw_only=True)
+class Guidance:
+    """Base class of every guidance method. Subclasses are frozen keyword-only dataclasses.
+
+    Common parameters: a guidance ``interval`` in noise level (``sigma_min``..``sigma_max``, as in
+    EDM's S_min/S_max) and in step fractions (``start``..``stop``, a convenience); outside it the
+    method falls back to the conditional prediction alone and skips the unconditional forward.
+    ``schedule`` shapes the strength over the run around its mean (constant, linear or cosine
+    increase, the mean-preserving forms of Wang et al. 2024, arXiv 2404.13040).
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    #: True when the method renoises with another prediction than it denoises with (CFG++):
+    #: the core must then use its own steps, not a diffusers scheduler's ``step``.
+    renoise_split: ClassVar[bool] = False
+    #: The scale at which the method is the conditional prediction alone (1 for CFG, 0 for CFG++).
+    neutral_scale: ClassVar[float] = 1.0
+
+    scale: float = 1.0
+    schedule: str = param("constant", choices=SCHEDULES, doc="shape of the strength over the run")
+    sigma_min: float = param(0.0, low=0.0, doc="guide only where sigma >= sigma_min")
+    sigma_max: float = param(math.inf, low=0.0, doc="guide only where sigma <= sigma_max")
+    start: float = param(0.0, low=0.0, high=1.0, doc="guide only from this fraction of the steps")
+    stop: float = param(1.0, low=0.0, high=1.0, doc="guide only before this fraction of the steps")
+
+    # -- validation and config ---------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            self._check(f.name, getattr(self, f.name), f.metadata)
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(f"{self.name}: sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
+        if self.start > self.stop:
+            raise ValueError(f"{self.name}: start ({self.start}) must not exceed stop ({self.stop})")
+
+    def _check(self, name: str, value: Any, meta: Mapping[str, Any]) -> None:
+        if not meta:
+            return
+        where = f"{self.name}: parameter '{name}' must be {describe_range(meta)}"
+        choices = meta.get("choices")
+        if choices is not None:
+            if value not in choices:
+                raise ValueError(f"{where}, got {value!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{where}, got {value!r}")
+        low, high = meta.get("low"), meta.get("high")
+        if low is not None and (value < low or (meta.get("low_open") and value == low)):
+            raise ValueError(f"{where}, got {value!r}")
+        if high is not None and value > high:
+            raise ValueError(f"{where}, got {value!r}")
+
+    def new(self, **overrides: Any) -> Guidance:
+        """A copy with some parameters changed (validated again)."""
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialisable config: ``{"name": ..., **parameters}``; :func:`resolve_guidance` reads it."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @classmethod
+    def parameters(cls) -> list[dataclasses.Field]:
+        """The method's parameters, with defaults, ranges and meaning in each field's metadata."""
+        return list(dataclasses.fields(cls))
+
+    # -- the per-step contract ---------------------------------------------------------------
+    def active(self, step: StepInfo) -> bool:
+        """Whether guidance is on at this step (interval in sigma and in step fraction)."""
+        in_sigma = self.sigma_min <= step.sigma <= self.sigma_max
+        in_steps = self.start <= step.progress < self.stop
+        return in_sigma and in_steps
+
+    def scale_at(self, step: StepInfo) -> float:
+        """The scale at this step: ``scale`` shaped by ``schedule``; neutral outside the interval."""
+        if not self.active(step):
+            return self.neutral_scale
+        if self.schedule == "constant":
+            return self.scale  # exactly, so that CFG matches the stock pipelines bit for bit
+        p = step.progress
+        shape = {"constant": 1.0, "linear": 2.0 * p, "cosine": 1.0 - math.cos(math.pi * p)}[self.schedule]
+        return self.neutral_scale + (self.scale - self.neutral_scale) * shape
+
+    def init_state(self, batch_size: int, device: torch.device) -> Any:
+        """Per-run state (None for stateless methods); created by the core for every call."""
+        return None
+
+    def branches(self, step: StepInfo, state: Any) -> tuple[str, ...]:
+        """The branches this step needs, in forward order (unconditional first, as diffusers)."""
+        if self.scale_at(step) == self.neutral_scale:
+            return ("cond",)
+        return ("uncond", "cond")
+
+    def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
+        """Combine the branch predictions into a guided prediction."""
+        raise NotImplementedError
+
+    def select_state(self, state: Any, index: torch.Tensor) -> Any:
+        """The state of the samples ``index`` (particle resampling, per-sample runs)."""
+        if state is None:
+            return None
+        if isinstance(state, torch.Tensor):
+            return state[index]
+        if dataclasses.is_dataclass(state):
+            return dataclasses.replace(state, **{
+                f.name: getattr(state, f.name)[index] for f in dataclasses.fields(state)
+                if isinstance(getattr(state, f.name), torch.Tensor)})
+        raise TypeError(f"{self.name}: cannot select rows of a state of type {type(state).__name__}")

@@ -1,0 +1,142 @@
+"""What the guided pipelines share: resolving ``guidance=``, the batched branch model over a
+UNet, the callback adapter, and the call into the sampler core. Pipelines stay thin adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from guidance_engine.guidance import Guidance
+from guidance_engine.methods.cfg import CFG
+from guidance_engine.registry import resolve_guidance
+from guidance_engine.samplers import SampleResult, StepRecord, sample
+
+GuidanceSpec = Guidance | str | Mapping[str, Any] | None
+
+
+@dataclass
+class GuidedPipelineOutput(BaseOutput):
+    """Images plus what the run cost and used.
+
+    Attributes:
+        images: PIL images, a numpy array or a tensor, as ``output_type`` asks.
+        nsfw_content_detected: the safety checker's verdicts (None without a checker).
+        nfe: network evaluations per image (a CFG step costs 2).
+        guidance: the method's config (``Guidance.to_dict()``).
+        sampler: the sampler that ran.
+    """
+
+    images: Any
+    nsfw_content_detected: list[bool] | None = None
+    nfe: int = 0
+    guidance: dict[str, Any] = field(default_factory=dict)
+    sampler: str = ""
+
+
+class UNetBranches:
+    """Evaluates branches on a conditional UNet in ONE forward: the rows of branch ``b`` see that
+    branch's conditioning (text embeddings, SDXL's pooled embeddings and time ids).
+
+    ``conditions[b]`` maps UNet keyword names to tensors; ``added_cond_kwargs`` entries are given
+    under their own names (``text_embeds``, ``time_ids``). Rows are concatenated in the requested
+    branch order, which for ("uncond", "cond") is the stock pipelines' order.
+    """
+
+    _ADDED = ("text_embeds", "time_ids")
+
+    def __init__(self, unet, conditions: dict[str, dict[str, torch.Tensor]],
+                 cross_attention_kwargs: dict[str, Any] | None = None) -> None:
+        self.unet = unet
+        self.conditions = conditions
+        self.cross_attention_kwargs = cross_attention_kwargs
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, branches: Sequence[str]) -> dict[str, torch.Tensor]:
+        k = len(branches)
+        rows = [self.conditions[b] for b in branches]
+        x_in = torch.cat([x] * k) if k > 1 else x
+        hidden = torch.cat([r["encoder_hidden_states"] for r in rows]) if k > 1 else rows[0]["encoder_hidden_states"]
+        added = None
+        if all(name in rows[0] for name in self._ADDED):
+            added = {name: torch.cat([r[name] for r in rows]) if k > 1 else rows[0][name] for name in self._ADDED}
+        out = self.unet(x_in, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added,
+                        cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+        return dict(zip(branches, out.chunk(k))) if k > 1 else {branches[0]: out}
+
+
+class GuidedPipelineMixin:
+    """Shared call logic of the guided pipelines (mixed into subclasses of the stock ones)."""
+
+    default_guidance_scale: float = 7.5
+
+    def resolve_guidance(self, guidance: GuidanceSpec, guidance_scale: float | None,
+                         guidance_rescale: float = 0.0) -> Guidance:
+        """``guidance=None`` is CFG at ``guidance_scale`` (the stock behaviour). A method name or
+        dict takes ``guidance_scale`` as its ``scale`` when given; an object must carry its own."""
+        if guidance is None:
+            scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+            return CFG(scale=scale, rescale=guidance_rescale)
+        if isinstance(guidance, Guidance):
+            if guidance_scale is not None or guidance_rescale:
+                raise ValueError("guidance_scale/guidance_rescale: set them on the guidance object itself, "
+                                 f"got guidance={guidance!r} and guidance_scale={guidance_scale!r}")
+            return guidance
+        overrides: dict[str, Any] = {}
+        if guidance_scale is not None:
+            overrides["scale"] = guidance_scale
+        if guidance_rescale:
+            overrides["rescale"] = guidance_rescale
+        return resolve_guidance(guidance, **overrides)
+
+    @staticmethod
+    def initial_noise(shape: tuple[int, ...], generator, device, dtype, latents: torch.Tensor | None) -> torch.Tensor:
+        """Unit Gaussian noise drawn as diffusers' ``prepare_latents`` draws it (or ``latents``)."""
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"generator: a list needs one generator per image ({shape[0]}), got {len(generator)}")
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"latents: expected shape {tuple(shape)}, got {tuple(latents.shape)}")
+            return latents.to(device=device, dtype=dtype)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def run_sampler(self, branches: UNetBranches, noise: torch.Tensor, guidance: Guidance, *, sampler: str | None,
+                    num_inference_steps: int, timesteps, sigmas, eta: float | None, generator,
+                    callback_on_step_end, callback_on_step_end_tensor_inputs: list[str],
+                    callback_tensors: Mapping[str, tuple[str, str]]) -> SampleResult:
+        """Run the core on this pipeline's scheduler, adapting ``callback_on_step_end``.
+
+        ``callback_tensors`` maps a callback tensor name to (branch, conditioning key) so that a
+        callback can read and replace conditioning tensors, as with the stock pipelines.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback: Callable[[StepRecord], torch.Tensor | None] | None = None
+        if callback_on_step_end is not None:
+            def callback(record: StepRecord) -> torch.Tensor | None:
+                kwargs = {}
+                for name in callback_on_step_end_tensor_inputs:
+                    if name == "latents":
+                        kwargs[name] = record.x
+                    else:
+                        branch, key = callback_tensors[name]
+                        kwargs[name] = branches.conditions[branch][key]
+                outputs = callback_on_step_end(self, record.index, record.timestep, kwargs) or {}
+                for name, (branch, key) in callback_tensors.items():
+                    if name in outputs:
+                        branches.conditions[branch][key] = outputs[name]
+                return outputs.get("latents")
+        progress = {**getattr(self, "_progress_bar_config", {})}
+        return sample(branches, noise, guidance, scheduler=self.scheduler, num_steps=num_inference_steps,
+                      prediction_type=self.scheduler.config.get("prediction_type", "epsilon"), sampler=sampler,
+                      eta=eta, generator=generator, timesteps=timesteps, sigmas=sigmas, callback=callback,
+                      progress=progress or True)
+
+    def check_callback_inputs(self, names: Sequence[str]) -> None:
+        allowed = list(self._callback_tensor_inputs)
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: accepted names are {allowed}, got {bad}")

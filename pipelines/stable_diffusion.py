@@ -1,0 +1,121 @@
+"""``GuidedStableDiffusionPipeline``: the stock SD 1.x/2.x pipeline with the engine's sampler core.
+
+Everything but the denoising loop is the stock pipeline's (prompt encoding, input checks, VAE
+decoding, safety checker, ``from_pretrained``, ``from_pipe``, ``save_pretrained``). The loop is
+the core's: ``guidance=`` picks the method, ``sampler=`` the solver.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+
+
+class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
+    """Stable Diffusion text-to-image with any guidance method of the engine.
+
+    Load like the stock pipeline (``GuidedStableDiffusionPipeline.from_pretrained(path)``) or
+    convert one (``GuidedStableDiffusionPipeline.from_pipe(stock_pipe)``; components are shared,
+    the stock pipeline is not modified).
+    """
+
+    default_guidance_scale = 7.5
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
+        guidance: GuidanceSpec = None,
+        sampler: str | None = None,
+        **kwargs: Any,
+    ) -> GuidedPipelineOutput | tuple:
+        """Generate images. Arguments are the stock pipeline's, plus:
+
+        Args:
+            guidance: a :class:`~guidance_engine.Guidance` object, a method name (``"apg"``) or a
+                dict ``{"name": "apg", "scale": 5.0, ...}``; None is CFG at ``guidance_scale``.
+            guidance_scale: CFG's scale when ``guidance`` is None (default 7.5); with a method
+                name or dict, that method's ``scale``. Must not be set with a guidance object.
+            sampler: "scheduler" (this pipeline's scheduler through its ``step``), "ddim",
+                "euler", "euler_ancestral" or "dpmpp_2m" (the core's solvers), or None: the
+                scheduler, or the solver mirroring it when the method needs one (CFG++).
+            eta: DDIM's eta in [0, 1] (DDIM scheduler or sampler "ddim").
+
+        Returns:
+            :class:`GuidedPipelineOutput` (images, nsfw flags, ``nfe`` per image, the guidance
+            config and sampler), or ``(images, nsfw)`` when ``return_dict`` is False.
+        """
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise ValueError(f"GuidedStableDiffusionPipeline: unsupported argument(s) {unsupported} "
+                             "(IP-Adapter and the deprecated `callback` are not supported)")
+        if self.unet.config.time_cond_proj_dim is not None:
+            raise ValueError("unet: guidance-distilled models (time_cond_proj_dim set, e.g. LCM) take no guidance")
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          None, None, callback_on_step_end_tensor_inputs)
+        guide = self.resolve_guidance(guidance, guidance_scale, guidance_rescale)
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, True, negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip)
+        branches = UNetBranches(self.unet, {
+            "cond": {"encoder_hidden_states": prompt_embeds},
+            "uncond": {"encoder_hidden_states": negative_prompt_embeds},
+        }, cross_attention_kwargs)
+
+        shape = (batch_size * num_images_per_prompt, self.unet.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = self.initial_noise(shape, generator, device, prompt_embeds.dtype, latents)
+        result = self.run_sampler(
+            branches, noise, guide, sampler=sampler, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            sigmas=sigmas, eta=eta, generator=generator, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
+                              "negative_prompt_embeds": ("uncond", "encoder_hidden_states")})
+
+        latents = result.x
+        if output_type == "latent":
+            image, has_nsfw = latents, None
+        else:
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False,
+                                    generator=generator)[0]
+            image, has_nsfw = self.run_safety_checker(image, device, prompt_embeds.dtype)
+            denormalize = [True] * image.shape[0] if has_nsfw is None else [not flag for flag in has_nsfw]
+            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return image, has_nsfw
+        return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=result.nfe,
+                                    guidance=guide.to_dict(), sampler=sampler or "auto")

@@ -1,0 +1,151 @@
+"""``GuidedStableDiffusionXLPipeline``: the stock SDXL pipeline with the engine's sampler core.
+
+Prompt encoding (two text encoders, pooled embeddings), micro-conditioning time ids, input checks
+and VAE decoding are the stock pipeline's; the loop is the core's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+
+
+class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipeline):
+    """Stable Diffusion XL text-to-image with any guidance method of the engine."""
+
+    default_guidance_scale = 5.0
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
+        guidance: GuidanceSpec = None,
+        sampler: str | None = None,
+        **kwargs: Any,
+    ) -> GuidedPipelineOutput | tuple:
+        """Generate images. Arguments are the stock SDXL pipeline's (``denoising_end`` and
+        IP-Adapter excepted) plus ``guidance`` and ``sampler``, as in
+        :meth:`GuidedStableDiffusionPipeline.__call__`; the default CFG scale is 5.0."""
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise ValueError(f"GuidedStableDiffusionXLPipeline: unsupported argument(s) {unsupported} "
+                             "(IP-Adapter, denoising_end and the deprecated `callback` are not supported)")
+        if self.unet.config.time_cond_proj_dim is not None:
+            raise ValueError("unet: guidance-distilled models (time_cond_proj_dim set, e.g. LCM) take no guidance")
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
+        self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
+                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
+                          callback_on_step_end_tensor_inputs)
+        guide = self.resolve_guidance(guidance, guidance_scale, guidance_rescale)
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+         negative_pooled_prompt_embeds) = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=True, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=clip_skip)
+
+        projection_dim = (int(pooled_prompt_embeds.shape[-1]) if self.text_encoder_2 is None
+                          else self.text_encoder_2.config.projection_dim)
+        time_ids = self._get_add_time_ids(original_size, crops_coords_top_left, target_size,
+                                          dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
+        negative_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_time_ids = self._get_add_time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
+        rows = batch_size * num_images_per_prompt
+        branches = UNetBranches(self.unet, {
+            "cond": {"encoder_hidden_states": prompt_embeds.to(device), "text_embeds": pooled_prompt_embeds.to(device),
+                     "time_ids": time_ids.to(device).repeat(rows, 1)},
+            "uncond": {"encoder_hidden_states": negative_prompt_embeds.to(device),
+                       "text_embeds": negative_pooled_prompt_embeds.to(device),
+                       "time_ids": negative_time_ids.to(device).repeat(rows, 1)},
+        }, cross_attention_kwargs)
+
+        shape = (rows, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = self.initial_noise(shape, generator, device, prompt_embeds.dtype, latents)
+        result = self.run_sampler(
+            branches, noise, guide, sampler=sampler, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            sigmas=sigmas, eta=eta, generator=generator, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
+                              "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+                              "add_text_embeds": ("cond", "text_embeds"),
+                              "negative_pooled_prompt_embeds": ("uncond", "text_embeds"),
+                              "add_time_ids": ("cond", "time_ids"),
+                              "negative_add_time_ids": ("uncond", "time_ids")})
+
+        latents = result.x
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return GuidedPipelineOutput(images=image, nfe=result.nfe, guidance=guide.to_dict(), sampler=sampler or "auto")
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The stock SDXL decode: fp16 VAEs upcast when configured, latents mean/std if present."""
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.upcast_vae()
+            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        config = self.vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        image = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return image

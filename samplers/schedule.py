@@ -1,0 +1,124 @@
+"""Noise schedules as the sampler core sees them: per step, (alpha, sigma) now and next.
+
+The state ``x`` of the core's own solvers is always ``alpha * x0 + sigma * eps`` (the model's
+input: VP for DDPM-trained models, ``alpha = 1 - sigma`` for flow matching). The discretisation,
+which timesteps and noise levels a run visits, is read off a diffusers scheduler so that each
+solver walks exactly the levels of the stock scheduler it mirrors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Levels of a run of ``num_steps`` steps. Step i moves from (alphas[i], sigmas[i]) to
+    (alphas_next[i], sigmas_next[i]) and feeds ``timesteps[i]`` to the network.
+
+    ``init_scale`` is the std of the initial state per unit of noise: the stock pipeline's
+    ``init_noise_sigma`` times the scheduler's input scaling at the first step.
+    """
+
+    timesteps: torch.Tensor
+    alphas: torch.Tensor
+    sigmas: torch.Tensor
+    alphas_next: torch.Tensor
+    sigmas_next: torch.Tensor
+    init_scale: float
+    flow: bool
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def ratio(self, i: int) -> float:
+        """k-diffusion sigma (sigma / alpha) at step i; inf at the pure-noise end of a flow."""
+        return _ratio(float(self.alphas[i]), float(self.sigmas[i]))
+
+    def ratio_next(self, i: int) -> float:
+        return _ratio(float(self.alphas_next[i]), float(self.sigmas_next[i]))
+
+
+def _ratio(alpha: float, sigma: float) -> float:
+    return math.inf if alpha == 0 else sigma / alpha
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Flow-matching schedulers (x = (1 - s) x0 + s eps) keep their levels in ``sigmas``."""
+    return "FlowMatch" in type(scheduler).__name__
+
+
+def levels_at(scheduler, index: int, timestep: torch.Tensor) -> tuple[float, float]:
+    """(alpha, sigma) of a diffusers scheduler at its step ``index`` (its timestep ``timestep``).
+
+    Flow schedulers: s = sigmas[index], alpha = 1 - s. Schedulers that keep k-diffusion sigmas
+    (Euler, DPM-Solver, Heun, LMS): alpha = 1 / sqrt(1 + sigma^2). Others (DDIM, PNDM, DDPM):
+    ``alphas_cumprod`` at the timestep.
+    """
+    if is_flow_scheduler(scheduler):
+        s = float(scheduler.sigmas[index])
+        return 1.0 - s, s
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and len(sigmas) > index:
+        k = float(sigmas[index])
+        a = 1.0 / math.sqrt(1.0 + k * k)
+        return a, k * a
+    abar = float(scheduler.alphas_cumprod[int(timestep)])
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+
+def fresh_scheduler(scheduler_class, config):
+    """A new scheduler of ``scheduler_class`` from another scheduler's config, quietly."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # cross-class from_config lists ignored keys
+    try:
+        return scheduler_class.from_config(config)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def schedule_from_scheduler(scheduler, num_steps: int, device: torch.device | str | None = None,
+                            timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+                            **set_timesteps_kwargs) -> NoiseSchedule:
+    """The levels a stock run of ``scheduler`` with ``num_steps`` steps visits.
+
+    ``scheduler`` is not modified: a copy is configured and read.
+    """
+    sched = copy.deepcopy(scheduler)
+    if timesteps is not None:
+        sched.set_timesteps(timesteps=timesteps, device=device, **set_timesteps_kwargs)
+    elif sigmas is not None:
+        sched.set_timesteps(sigmas=sigmas, device=device, **set_timesteps_kwargs)
+    else:
+        sched.set_timesteps(num_steps, device=device, **set_timesteps_kwargs)
+    ts = sched.timesteps
+    n = len(ts)
+    if getattr(sched, "order", 1) != 1:
+        raise ValueError(f"sampler: cannot read levels off a scheduler of order {sched.order} "
+                         f"({type(sched).__name__}); use sampler='scheduler' for it")
+    cur = [levels_at(sched, i, ts[i]) for i in range(n)]
+    if hasattr(sched, "sigmas") and isinstance(sched.sigmas, torch.Tensor) and len(sched.sigmas) > n:
+        nxt = [levels_at(sched, i + 1, ts[i]) for i in range(n)]
+    else:  # DDIM's rule: prev_t = t - T // n, with the final alpha beyond the start of training
+        ratio = sched.config.num_train_timesteps // sched.num_inference_steps
+        nxt = []
+        for t in ts.tolist():
+            prev = int(t) - ratio
+            abar = float(sched.alphas_cumprod[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+            nxt.append((math.sqrt(abar), math.sqrt(1.0 - abar)))
+    probe = torch.ones(1, device=ts.device)
+    input_scale = float(sched.scale_model_input(probe, ts[0])[0])
+    init_scale = float(sched.init_noise_sigma) * input_scale
+    f64 = dict(dtype=torch.float64)
+    return NoiseSchedule(
+        timesteps=ts,
+        alphas=torch.tensor([a for a, _ in cur], **f64), sigmas=torch.tensor([s for _, s in cur], **f64),
+        alphas_next=torch.tensor([a for a, _ in nxt], **f64), sigmas_next=torch.tensor([s for _, s in nxt], **f64),
+        init_scale=init_scale, flow=is_flow_scheduler(sched),
+    )
