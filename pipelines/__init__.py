@@ -1,8 +1,27 @@
-"""Diffusers pipelines onto the sampler core, the default model and the CLI."""
+"""Diffusers pipelines onto the sampler core, the default model and the CLI.
 
-from .common import GuidedPipelineOutput, UNetBranches
-from .stable_diffusion import GuidedStableDiffusionPipeline
-from .stable_diffusion_xl import GuidedStableDiffusionXLPipeline
+Attributes are imported on first use, so that ``guidance-engine methods`` and ``--help`` start
+without importing diffusers.
+"""
 
-__all__ = ["GuidedPipelineOutput", "GuidedStableDiffusionPipeline", "GuidedStableDiffusionXLPipeline",
-           "UNetBranches"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GuidedPipelineOutput": ".common",
+    "UNetBranches": ".common",
+    "GuidedStableDiffusionPipeline": ".stable_diffusion",
+    "GuidedStableDiffusionXLPipeline": ".stable_diffusion_xl",
+    "default_model_path": ".models",
+    "load_pipeline": ".models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

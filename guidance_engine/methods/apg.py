@@ -39,7 +39,7 @@ def project(diff: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch
     """Split ``diff`` into its components parallel and orthogonal to ``onto``, per sample, in float64."""
     dims = list(range(1, diff.ndim))
     d, v = diff.double(), onto.double()
-    unit = v / v.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+    unit = v / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min(1e-12)
     parallel = (d * unit).sum(dim=dims, keepdim=True) * unit
     return parallel.to(diff.dtype), (d - parallel).to(diff.dtype)
 
@@ -51,7 +51,7 @@ def apg_update(cond: torch.Tensor, uncond: torch.Tensor, scale: float, eta: floa
     running = diff if running is None else diff + momentum * running
     diff = running
     if math.isfinite(norm_threshold):
-        norm = diff.norm(dim=list(range(1, diff.ndim)), keepdim=True)
+        norm = torch.linalg.vector_norm(diff, dim=list(range(1, diff.ndim)), keepdim=True)
         diff = diff * torch.clamp(norm_threshold / norm, max=1.0)
     parallel, orthogonal = project(diff, cond)
     update = orthogonal + eta * parallel

@@ -1,0 +1,162 @@
+"""The ``guidance-engine`` command: generate images, list methods.
+
+    guidance-engine generate "a red circle on a blue background" --method apg --scale 7.5 -o out.png
+    guidance-engine methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+# transformers warns at import that torchvision is missing (it falls back to PIL, which is all a
+# text-to-image pipeline needs); keep the command's output to what the user asked for.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from guidance_engine.guidance import describe_range  # noqa: E402
+from guidance_engine.registry import method_class, method_names, resolve_guidance  # noqa: E402
+from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
+
+
+def _number_or_text(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"inf": math.inf, "true": True, "false": False}.get(text.lower(), text)
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param: expected NAME=VALUE, got {item!r}")
+        params[key.strip()] = _number_or_text(value.strip())
+    return params
+
+
+def atomic_save_png(image, path: Path, metadata: dict[str, Any]) -> None:
+    """Write a PNG with its settings in a text chunk; a temporary name is renamed when complete."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("guidance-engine", json.dumps(metadata, default=str))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import load_pipeline
+
+    params = _parse_params(args.param)
+    if args.scale is not None:
+        params["scale"] = args.scale
+    guidance = resolve_guidance(args.method, **params)  # validates before the model loads
+    if args.steps < 1:
+        raise ValueError(f"--steps: must be an integer >= 1, got {args.steps}")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images: must be an integer >= 1, got {args.num_images}")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars; the sampling bar stays
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
+    start = time.perf_counter()
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+               num_inference_steps=args.steps, guidance=guidance, sampler=args.sampler, generator=generators,
+               height=args.height, width=args.width, eta=args.eta)
+    seconds = time.perf_counter() - start
+    paths = output_paths(Path(args.output), args.num_images)
+    for i, (image, path) in enumerate(zip(out.images, paths)):
+        meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance": guidance.to_dict(),
+                "sampler": args.sampler or "auto", "steps": args.steps, "seed": args.seed + i,
+                "model": str(args.model or "default"), "nfe": out.nfe}
+        atomic_save_png(image, path, meta)
+        print(f"wrote {path}")
+    print(f"method {guidance.name}, {out.nfe} network evaluations per image, {seconds:.2f} s")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for name in method_names():
+        cls = method_class(name)
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"    paper: {cls.paper}")
+        for f in cls.parameters():
+            default = f.default
+            doc = f.metadata.get("doc", "")
+            print(f"    --param {f.name}={default!r:<10} {describe_range(f.metadata):<24} {doc}")
+    print("samplers: " + ", ".join(f"{name} ({SAMPLERS[name].description})" if name in SAMPLERS else
+                                   f"{name} (the model's diffusers scheduler)" for name in SAMPLER_NAMES))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guidance-engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("-n", "--negative-prompt", default=None)
+    gen.add_argument("--method", default="cfg", help=f"guidance method: {', '.join(method_names())}")
+    gen.add_argument("--scale", type=float, default=None, help="the method's scale (default: its paper's)")
+    gen.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                     help="another method parameter, repeatable (see `guidance-engine methods`)")
+    gen.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                     help="solver (default: the model's scheduler, or its mirror for CFG++)")
+    gen.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    gen.add_argument("-o", "--output", default="out.png")
+    gen.set_defaults(func=cmd_generate)
+
+    methods = sub.add_parser("methods", help="list guidance methods, their parameters and ranges")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"guidance-engine: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
