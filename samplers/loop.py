@@ -258,7 +258,7 @@ class _SchedulerRun:
             self.scheduler.set_begin_index(0)  # as the stock SDXL pipeline does
         self.timesteps = self.scheduler.timesteps
         self.num_steps = len(self.timesteps)
-        self.init_scale = self.scheduler.init_noise_sigma
+        self.init_scale = getattr(self.scheduler, "init_noise_sigma", 1.0)
         self.kwargs = _step_kwargs(self.scheduler, generator, eta)
         self._levels = [levels_at(self.scheduler, i, t) for i, t in enumerate(self.timesteps)]
 
@@ -271,7 +271,9 @@ class _SchedulerRun:
 
     def model_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, float, float]:
         a, s = self._levels[i]
-        return self.scheduler.scale_model_input(x, self.timesteps[i]), a, s
+        if hasattr(self.scheduler, "scale_model_input"):
+            x = self.scheduler.scale_model_input(x, self.timesteps[i])
+        return x, a, s
 
     def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int) -> torch.Tensor:
         # resolve_sampler refused split methods on this path before the first model call.

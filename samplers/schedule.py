@@ -112,9 +112,10 @@ def schedule_from_scheduler(scheduler, num_steps: int, device: torch.device | st
             prev = int(t) - ratio
             abar = float(sched.alphas_cumprod[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
             nxt.append((math.sqrt(abar), math.sqrt(1.0 - abar)))
-    probe = torch.ones(1, device=ts.device)
-    input_scale = float(sched.scale_model_input(probe, ts[0])[0])
-    init_scale = float(sched.init_noise_sigma) * input_scale
+    input_scale = 1.0
+    if hasattr(sched, "scale_model_input"):  # flow schedulers have none (their input is x)
+        input_scale = float(sched.scale_model_input(torch.ones(1, device=ts.device), ts[0])[0])
+    init_scale = float(getattr(sched, "init_noise_sigma", 1.0)) * input_scale
     f64 = dict(dtype=torch.float64)
     return NoiseSchedule(
         timesteps=ts,
