@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler)
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -25,6 +26,9 @@ from guidance_engine.prediction import PREDICTION_TYPES, Prediction
 from .schedule import (NoiseSchedule, fresh_scheduler, is_flow_scheduler, levels_at,
                        schedule_from_scheduler)
 from .steps import dpmpp_2m_step, first_order_step
+
+
+logger = logging.get_logger(__name__)
 
 
 class BranchModel(Protocol):
@@ -208,6 +212,9 @@ class _SolverRun:
         # of the stock scheduler the solver mirrors, configured like the pipeline's.
         source = scheduler if is_flow_scheduler(scheduler) or spec.scheduler_class is None else \
             fresh_scheduler(spec.scheduler_class, scheduler.config)
+        if source.config.get("clip_sample") or source.config.get("thresholding"):
+            logger.warning("sampler %r: the scheduler config asks for clip_sample/thresholding of x0, which "
+                           "the core's solvers do not apply (SD configs set clip_sample=False)", spec.name)
         self.spec = spec
         self.schedule: NoiseSchedule = schedule_from_scheduler(source, num_steps, device, timesteps, sigmas,
                                                                **set_kwargs)
