@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +28,10 @@ def default_model_path() -> Path:
 
         partial = cache / f"tiny-sd-random.partial-{os.getpid()}"
         save_tiny_sd(partial)
-        partial.replace(target) if not target.exists() else None
+        try:
+            partial.replace(target)  # complete or absent: never a half-written model
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

@@ -1,0 +1,108 @@
+"""Engine vs stock diffusers: wall-time overhead of the sampler core for CFG.
+
+Runs the stock StableDiffusionPipeline and GuidedStableDiffusionPipeline (sharing the same
+components) alternately, same prompt, seed, scheduler and steps, in one process, and reports the
+median wall time of each and their ratio. Prints a markdown table, then ONE line of JSON.
+
+    python benchmarks/overhead.py                 # default model + a medium random SD UNet
+    python benchmarks/overhead.py --repeats 9 --steps 20 --models medium
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
+                       StableDiffusionPipeline, UNet2DConditionModel)
+
+from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
+from guidance_engine.pipelines.tiny_models import tiny_sd_components  # noqa: E402
+
+PROMPT = "two red triangles on a blue background"
+
+
+def medium_components() -> dict:
+    """A random SD-shaped model big enough that the UNet dominates a step, as in real use."""
+    comp = tiny_sd_components(0)
+    torch.manual_seed(0)
+    comp["unet"] = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=comp["text_encoder"].config.hidden_size, attention_head_dim=8, norm_num_groups=32).eval()
+    return comp
+
+
+def load(name: str) -> StableDiffusionPipeline:
+    if name == "default":
+        stock = StableDiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None,
+                                                        requires_safety_checker=False)
+    else:
+        stock = StableDiffusionPipeline(**medium_components(), requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    return stock
+
+
+def time_call(pipe, steps: int, **kwargs) -> float:
+    start = time.perf_counter()
+    pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
+         **kwargs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="default,medium")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--scale", type=float, default=7.5)
+    args = parser.parse_args()
+
+    rows = []
+    for model in args.models.split(","):
+        stock = load(model)
+        guided = GuidedStableDiffusionPipeline.from_pipe(stock)
+        guided.set_progress_bar_config(disable=True)
+        for scheduler_name, cls in (("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler),
+                                    ("dpmpp_2m", DPMSolverMultistepScheduler)):
+            stock.scheduler = guided.scheduler = cls.from_config(stock.scheduler.config)
+            variants = {"stock": (stock, {}), "engine (scheduler.step)": (guided, {}),
+                        f"engine ({scheduler_name} solver)": (guided, {"sampler": scheduler_name})}
+            for pipe, kwargs in variants.values():  # warm-up
+                time_call(pipe, 2, guidance_scale=args.scale, **kwargs)
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+                for key, (pipe, kwargs) in variants.items():
+                    times[key].append(time_call(pipe, args.steps, guidance_scale=args.scale, **kwargs))
+            base = statistics.median(times["stock"])
+            for key, values in times.items():
+                median = statistics.median(values)
+                rows.append({"model": model, "scheduler": scheduler_name, "variant": key, "median_s": median,
+                             "ratio_to_stock": median / base})
+
+    print(f"steps {args.steps}, CFG scale {args.scale}, {args.repeats} interleaved repeats, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| model | scheduler | variant | median s | ratio to stock |")
+    print("|---|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['scheduler']} | {r['variant']} | {r['median_s']:.3f} | {r['ratio_to_stock']:.3f} |")
+    engine = [r["ratio_to_stock"] for r in rows if r["variant"] != "stock"]
+    summary = {"benchmark": "overhead", "steps": args.steps, "scale": args.scale, "repeats": args.repeats,
+               "max_ratio": round(max(engine), 4), "median_ratio": round(statistics.median(engine), 4),
+               "ratios": {f"{r['model']}/{r['scheduler']}/{r['variant']}": round(r["ratio_to_stock"], 4)
+                          for r in rows if r["variant"] != "stock"}}
+    print()
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

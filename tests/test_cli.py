@@ -1,0 +1,49 @@
+"""The guidance-engine command: generate, methods, errors."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from guidance_engine.pipelines.cli import main
+from guidance_engine.pipelines.tiny_models import save_tiny_sd
+
+
+def test_generate_writes_png_with_its_settings(tmp_path, capsys) -> None:
+    model = save_tiny_sd(tmp_path / "model")
+    out = tmp_path / "out" / "img.png"
+    code = main(["generate", "a red circle on a blue background", "--method", "apg", "--scale", "4",
+                 "--param", "momentum=-0.25", "--steps", "3", "--seed", "7", "--num-images", "2",
+                 "--model", str(model), "-o", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "6 network evaluations per image" in printed
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert files == ["img-0.png", "img-1.png"]  # no temporary file left behind
+    meta = json.loads(Image.open(out.parent / "img-1.png").text["guidance-engine"])
+    assert meta["seed"] == 8 and meta["guidance"]["name"] == "apg" and meta["guidance"]["momentum"] == -0.25
+    assert meta["guidance"]["scale"] == 4.0 and meta["nfe"] == 6
+
+
+def test_generate_default_model_runs(tmp_path) -> None:
+    out = tmp_path / "default.png"
+    assert main(["generate", "a red circle on a blue background", "--steps", "2", "-o", str(out)]) == 0
+    assert Image.open(out).size[0] >= 32
+
+
+def test_errors_name_the_parameter_and_exit_2(tmp_path, capsys) -> None:
+    assert main(["generate", "x", "--method", "cfgpp", "--scale", "3", "-o", str(tmp_path / "a.png")]) == 2
+    assert "cfgpp: parameter 'scale' must be [0, 1], got 3.0" in capsys.readouterr().err
+    assert main(["generate", "x", "--param", "bogus", "-o", str(tmp_path / "a.png")]) == 2
+    assert "--param: expected NAME=VALUE, got 'bogus'" in capsys.readouterr().err
+    assert main(["generate", "x", "--steps", "0", "-o", str(tmp_path / "a.png")]) == 2
+    assert "--steps: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_methods_lists_every_method_with_ranges(capsys) -> None:
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("cfg:", "cfgpp:", "apg:", "--param norm_threshold=15.0", "(0, inf)", "dpmpp_2m"):
+        assert expected in text
