@@ -167,8 +167,12 @@ class Guidance:
         """Per-run state (None for stateless methods); created by the core for every call."""
         return None
 
-    def branches(self, step: StepInfo, state: Any) -> tuple[str, ...]:
-        """The branches this step needs, in forward order (unconditional first, as diffusers)."""
+    def branches(self, step: StepInfo, state: Any) -> tuple[str, ...] | dict[str, torch.Tensor | None]:
+        """The branches this step needs, in forward order (unconditional first, as diffusers).
+
+        Either names, each evaluated for every sample, or a dict from name to the LongTensor of
+        samples that need it (None: all); then ``combine`` receives predictions of those rows only.
+        """
         if self.scale_at(step) == self.neutral_scale:
             return ("cond",)
         return ("uncond", "cond")
@@ -176,6 +180,13 @@ class Guidance:
     def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
         """Combine the branch predictions into a guided prediction."""
         raise NotImplementedError
+
+    def after_step(self, x: torch.Tensor, preds: Mapping[str, Prediction], guided: GuidedPrediction,
+                   step: StepInfo, state: Any) -> torch.Tensor | None:
+        """Called after each solver step. A method that reweights particles (FKC) returns the
+        LongTensor of rows to keep (resampling), and the core moves every per-sample quantity
+        (latents, this state through :meth:`select_state`, solver history) accordingly."""
+        return None
 
     def select_state(self, state: Any, index: torch.Tensor) -> Any:
         """The state of the samples ``index`` (particle resampling, per-sample runs)."""

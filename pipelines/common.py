@@ -26,14 +26,16 @@ class GuidedPipelineOutput(BaseOutput):
     Attributes:
         images: PIL images, a numpy array or a tensor, as ``output_type`` asks.
         nsfw_content_detected: the safety checker's verdicts (None without a checker).
-        nfe: network evaluations per image (a CFG step costs 2).
+        nfe: network evaluations per image, mean over the images (a CFG step costs 2).
+        nfe_per_image: network evaluations of each image.
         guidance: the method's config (``Guidance.to_dict()``).
         sampler: the sampler that ran.
     """
 
     images: Any
     nsfw_content_detected: list[bool] | None = None
-    nfe: int = 0
+    nfe: float = 0
+    nfe_per_image: list[int] = field(default_factory=list)
     guidance: dict[str, Any] = field(default_factory=dict)
     sampler: str = ""
 
@@ -55,17 +57,26 @@ class UNetBranches:
         self.conditions = conditions
         self.cross_attention_kwargs = cross_attention_kwargs
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, branches: Sequence[str]) -> dict[str, torch.Tensor]:
-        k = len(branches)
-        rows = [self.conditions[b] for b in branches]
-        x_in = torch.cat([x] * k) if k > 1 else x
-        hidden = torch.cat([r["encoder_hidden_states"] for r in rows]) if k > 1 else rows[0]["encoder_hidden_states"]
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor,
+                 requests: Sequence[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        def rows_of(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            return tensor if rows is None else tensor[rows]
+
+        names = [name for name, _ in requests]
+        parts = [(self.conditions[name], rows) for name, rows in requests]
+        xs = [rows_of(x, rows) for _, rows in parts]
+        x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
+        hidden = torch.cat([rows_of(c["encoder_hidden_states"], rows) for c, rows in parts])
         added = None
-        if all(name in rows[0] for name in self._ADDED):
-            added = {name: torch.cat([r[name] for r in rows]) if k > 1 else rows[0][name] for name in self._ADDED}
+        if all(key in parts[0][0] for key in self._ADDED):
+            added = {key: torch.cat([rows_of(c[key], rows) for c, rows in parts]) for key in self._ADDED}
         out = self.unet(x_in, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added,
                         cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
-        return dict(zip(branches, out.chunk(k))) if k > 1 else {branches[0]: out}
+        if len(parts) == 1:
+            return {names[0]: out}
+        if all(rows is None for _, rows in parts):
+            return dict(zip(names, out.chunk(len(parts))))  # the stock pipelines' split, bit for bit
+        return dict(zip(names, out.split([len(part) for part in xs])))
 
 
 class GuidedPipelineMixin:

@@ -117,5 +117,5 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         self.maybe_free_model_hooks()
         if not return_dict:
             return image, has_nsfw
-        return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=result.nfe,
+        return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=result.nfe, nfe_per_image=result.nfe_per_sample,
                                     guidance=guide.to_dict(), sampler=sampler or "auto")

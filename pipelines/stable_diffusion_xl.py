@@ -128,7 +128,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return GuidedPipelineOutput(images=image, nfe=result.nfe, guidance=guide.to_dict(), sampler=sampler or "auto")
+        return GuidedPipelineOutput(images=image, nfe=result.nfe, nfe_per_image=result.nfe_per_sample, guidance=guide.to_dict(), sampler=sampler or "auto")
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The stock SDXL decode: fp16 VAEs upcast when configured, latents mean/std if present."""

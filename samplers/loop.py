@@ -34,12 +34,23 @@ logger = logging.get_logger(__name__)
 class BranchModel(Protocol):
     """The network seen by the core: evaluates several branches on the same ``x`` in one forward.
 
-    ``branches`` names the conditions (``"cond"``, ``"uncond"``, ...) in forward order; the
-    result maps each name to the raw network output for the whole batch.
+    ``requests`` lists ``(branch, rows)`` pairs in forward order: the branch names a condition
+    (``"cond"``, ``"uncond"``, ...), ``rows`` a LongTensor of the samples that need it (None: all).
+    The result maps each branch to the raw network output for its rows only, so a batch really
+    shrinks when some samples need fewer branches (Adaptive Guidance).
     """
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, branches: Sequence[str]) -> Mapping[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor,
+                 requests: Sequence[tuple[str, torch.Tensor | None]]) -> Mapping[str, torch.Tensor]:
         ...
+
+
+def normalize_requests(branches: Sequence[str] | Mapping[str, torch.Tensor | None]
+                       ) -> list[tuple[str, torch.Tensor | None]]:
+    """A method's ``branches()`` answer (names for all rows, or name -> rows) as (branch, rows) pairs."""
+    if isinstance(branches, Mapping):
+        return [(name, rows) for name, rows in branches.items()]
+    return [(name, None) for name in branches]
 
 
 class NonFiniteLatentsError(FloatingPointError):
@@ -84,16 +95,18 @@ class StepRecord:
     sigma_next: float
     x: torch.Tensor
     denoised: torch.Tensor
-    nfe: int
+    nfe: float
 
 
 @dataclass
 class SampleResult:
-    """The final state, the last guided x0, and network evaluations per image."""
+    """The final state, the last guided x0, and network evaluations (mean per image, and per
+    image: methods such as Adaptive Guidance spend different amounts on different samples)."""
 
     x: torch.Tensor
     denoised: torch.Tensor
-    nfe: int
+    nfe: float
+    nfe_per_sample: list[int]
 
 
 def resolve_sampler(sampler: str | None, guidance: Guidance, scheduler) -> str:
@@ -177,7 +190,7 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
         run = _SolverRun(SAMPLERS[sampler], scheduler, num_steps, noise.device, timesteps, sigmas, set_kwargs,
                          generator, eta)
     x = noise * run.init_scale
-    nfe = 0
+    nfe = torch.zeros(noise.shape[0], dtype=torch.long)
     denoised = x
     n = run.num_steps
     with tqdm(total=n, **bar_options) as bar:
@@ -185,22 +198,33 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
             t = run.timesteps[i]
             x_in, alpha, sigma = run.model_input(x, i)
             step = StepInfo(index=i, num_steps=n, sigma=run.ratio(i), sigma_next=run.ratio_next(i), timestep=float(t))
-            branches = guidance.branches(step, state)
-            outputs = model(x_in, t, branches)
-            nfe += len(branches)
+            requests = normalize_requests(guidance.branches(step, state))
+            outputs = model(x_in, t, requests)
             a = torch.tensor(alpha, dtype=torch.float64, device=x.device)
             s = torch.tensor(sigma, dtype=torch.float64, device=x.device)
-            preds = {b: Prediction(outputs[b], x_in, a, s, prediction_type) for b in branches}
+            preds = {}
+            for branch, rows in requests:
+                nfe[slice(None) if rows is None else rows.cpu()] += 1
+                preds[branch] = Prediction(outputs[branch], x_in if rows is None else x_in[rows], a, s,
+                                           prediction_type)
             guided = guidance.combine(preds, step, state)
             x = run.step(x, guided, i)
             _check_finite(x, i, n, guidance, sampler, step.sigma)
             denoised = guided.denoise.x0
+            # After the step a method may reweight and resample its particles (FKC): every
+            # per-sample quantity follows the kept rows.
+            keep = guidance.after_step(x, preds, guided, step, state)
+            if keep is not None:
+                x, denoised, nfe = x[keep], denoised[keep], nfe[keep.cpu()]
+                state = guidance.select_state(state, keep)
+                run.select(keep)
             if callback is not None:
-                replaced = callback(StepRecord(i, n, t, step.sigma, step.sigma_next, x, denoised, nfe))
+                replaced = callback(StepRecord(i, n, t, step.sigma, step.sigma_next, x, denoised,
+                                               float(nfe.float().mean())))
                 if replaced is not None:
                     x = replaced
             bar.update()
-    return SampleResult(x=x, denoised=denoised, nfe=nfe)
+    return SampleResult(x=x, denoised=denoised, nfe=float(nfe.float().mean()), nfe_per_sample=nfe.tolist())
 
 
 class _SolverRun:
@@ -233,6 +257,11 @@ class _SolverRun:
 
     def model_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, float, float]:
         return x, float(self.schedule.alphas[i]), float(self.schedule.sigmas[i])
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the multistep history of the rows ``keep`` (after particle resampling)."""
+        if self.history is not None:
+            self.history = (self.history[0][keep], self.history[1])
 
     def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int) -> torch.Tensor:
         sch = self.schedule
@@ -281,6 +310,12 @@ class _SchedulerRun:
         if hasattr(self.scheduler, "scale_model_input"):
             x = self.scheduler.scale_model_input(x, self.timesteps[i])
         return x, a, s
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the rows ``keep`` of a multistep scheduler's stored outputs (DPM-Solver's)."""
+        outputs = getattr(self.scheduler, "model_outputs", None)
+        if isinstance(outputs, list):
+            self.scheduler.model_outputs = [o[keep] if isinstance(o, torch.Tensor) else o for o in outputs]
 
     def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int) -> torch.Tensor:
         # resolve_sampler refused split methods on this path before the first model call.

@@ -49,9 +49,13 @@ class ToyModel:
         self.calls: list[tuple[str, ...]] = []
         self.rows = 0
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, branches: Sequence[str]) -> dict[str, torch.Tensor]:
-        self.calls.append(tuple(branches))
-        self.rows += x.shape[0] * len(branches)
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, requests: Sequence) -> dict[str, torch.Tensor]:
+        self.calls.append(tuple(name for name, _ in requests))
         t = float(timestep) / 1000.0
         shift = {"cond": 0.7, "uncond": -0.4}
-        return {b: 0.5 * x + shift[b] * torch.sin(x + 3 * t) + 0.1 * (1 + t) for b in branches}
+        out = {}
+        for name, rows in requests:
+            xr = x if rows is None else x[rows]
+            self.rows += xr.shape[0]
+            out[name] = 0.5 * xr + shift[name] * torch.sin(xr + 3 * t) + 0.1 * (1 + t)
+        return out

@@ -107,8 +107,8 @@ class NaNAtStep(ToyModel):
         super().__init__()
         self.bad_call = bad_call
 
-    def __call__(self, x, timestep, branches):
-        out = super().__call__(x, timestep, branches)
+    def __call__(self, x, timestep, requests):
+        out = super().__call__(x, timestep, requests)
         if len(self.calls) == self.bad_call:
             out["cond"] = out["cond"] * float("nan")
         return out
@@ -151,3 +151,50 @@ def test_solver_runs_visit_the_stock_levels() -> None:
     assert torch.equal(run.timesteps, stock.timesteps)
     ratios = [run.ratio(i) for i in range(10)] + [run.ratio_next(9)]
     torch.testing.assert_close(torch.tensor(ratios, dtype=torch.float64), stock.sigmas.double(), atol=1e-5, rtol=1e-5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FirstRowGuided(CFG):
+    """Test method: CFG for sample 0 only; the other samples run conditional-only (fewer rows)."""
+
+    def branches(self, step, state):
+        return {"uncond": torch.tensor([0]), "cond": None}
+
+    def combine(self, preds, step, state):
+        cond = preds["cond"]
+        guided0 = preds["uncond"].lerp(cond.rows(slice(0, 1)), self.scale)
+        out = cond.output.clone()
+        out[:1] = guided0.output
+        from guidance_engine import GuidedPrediction
+        return GuidedPrediction.single(cond.with_output(out))
+
+
+def test_per_row_branches_shrink_the_batch_and_keep_samples_independent() -> None:
+    model = ToyModel()
+    scheduler = DDIMScheduler(**SD_BETAS)
+    mixed = _run(FirstRowGuided(scale=4.0), scheduler, "ddim", model=model, steps=5)
+    assert model.rows == 5 * (1 + 2) and mixed.nfe_per_sample == [10, 5] and mixed.nfe == 7.5
+    alone_cfg = _run(CFG(scale=4.0), scheduler, "ddim", steps=5)
+    alone_cond = _run(CFG(scale=1.0), scheduler, "ddim", steps=5)
+    torch.testing.assert_close(mixed.x[0], alone_cfg.x[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mixed.x[1], alone_cond.x[1], atol=1e-6, rtol=1e-6)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwapAtStep(APG):
+    """Test method: APG whose after-step hook swaps the two samples once (a 'resampling')."""
+
+    at: int = 2
+
+    def after_step(self, x, preds, guided, step, state):
+        return torch.tensor([1, 0]) if step.index == self.at else None
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "scheduler"])
+def test_resampling_moves_latents_solver_history_and_method_state_together(sampler) -> None:
+    """Swapping rows mid-run must give the swapped result of the unswapped run: the multistep
+    history (DPM++ 2M) and APG's momentum follow their sample."""
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    plain = _run(APG(scale=4.0, momentum=-0.5), scheduler, sampler, steps=6)
+    swapped = _run(SwapAtStep(scale=4.0, momentum=-0.5), scheduler, sampler, steps=6)
+    torch.testing.assert_close(swapped.x, plain.x.flip(0), atol=1e-6, rtol=1e-6)
