@@ -100,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "model": str(args.model or "default"), "nfe": out.nfe}
         atomic_save_png(image, path, meta)
         print(f"wrote {path}")
-    print(f"method {guidance.name}, {out.nfe} network evaluations per image, {seconds:.2f} s")
+    print(f"method {guidance.name}, {out.nfe:g} network evaluations per image, {seconds:.2f} s")
     return 0
 
 
