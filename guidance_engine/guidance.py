@@ -25,10 +25,12 @@ SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 
 
 def param(default: Any, *, low: float | None = None, high: float | None = None,
-          choices: tuple[Any, ...] | None = None, doc: str = "", low_open: bool = False) -> Any:
-    """A method parameter: its default, accepted range (closed unless ``low_open``) and meaning."""
+          choices: tuple[Any, ...] | None = None, doc: str = "", low_open: bool = False,
+          optional: bool = False) -> Any:
+    """A method parameter: its default, accepted range (closed unless ``low_open``; None allowed
+    when ``optional``) and meaning."""
     return field(default=default, metadata={"low": low, "high": high, "choices": choices,
-                                            "doc": doc, "low_open": low_open})
+                                            "doc": doc, "low_open": low_open, "optional": optional})
 
 
 def describe_range(meta: Mapping[str, Any]) -> str:
@@ -117,8 +119,8 @@ class Guidance:
             raise ValueError(f"{self.name}: start ({self.start}) must not exceed stop ({self.stop})")
 
     def _check(self, name: str, value: Any, meta: Mapping[str, Any]) -> None:
-        if not meta:
-            return
+        if "low" not in meta or (value is None and meta.get("optional")):
+            return  # not a param(): nested config, validated by its owner
         where = f"{self.name}: parameter '{name}' must be {describe_range(meta)}"
         choices = meta.get("choices")
         if choices is not None:
@@ -199,3 +201,27 @@ class Guidance:
                 f.name: getattr(state, f.name)[index] for f in dataclasses.fields(state)
                 if isinstance(getattr(state, f.name), torch.Tensor)})
         raise TypeError(f"{self.name}: cannot select rows of a state of type {type(state).__name__}")
+
+    def update_state_rows(self, state: Any, rows: torch.Tensor, sub: Any, batch_size: int) -> Any:
+        """Write the state ``sub`` of the samples ``rows`` back into the full-batch ``state``
+        (a wrapper that ran this method on some rows only, e.g. Adaptive Guidance)."""
+        if state is None or sub is None:
+            return state
+        if not dataclasses.is_dataclass(state):
+            raise TypeError(f"{self.name}: cannot update rows of a state of type {type(state).__name__}")
+        for f in dataclasses.fields(state):
+            value = getattr(sub, f.name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            full = getattr(state, f.name)
+            if full is None:
+                full = value.new_zeros((batch_size, *value.shape[1:]))
+            full = full.clone()
+            full[rows] = value
+            setattr(state, f.name, full)
+        return state
+
+    def with_negative_prompt(self) -> Guidance:
+        """The method to use when the user gives a negative prompt (self; LinearAG, fitted on the
+        empty prompt, falls back to AG)."""
+        return self

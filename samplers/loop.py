@@ -107,6 +107,7 @@ class SampleResult:
     denoised: torch.Tensor
     nfe: float
     nfe_per_sample: list[int]
+    state: Any = None  # the guidance's final per-run state (FKC log-weights, AG switch steps, ...)
 
 
 def resolve_sampler(sampler: str | None, guidance: Guidance, scheduler) -> str:
@@ -139,6 +140,15 @@ def _step_kwargs(scheduler, generator, eta: float | None) -> dict[str, Any]:
     if "generator" in accepted:
         kwargs["generator"] = generator
     return kwargs
+
+
+def _stochastic(sampler: str, eta: float | None, scheduler) -> bool:
+    """Whether the solver adds fresh noise at each step (particle methods need it, FKC)."""
+    if sampler != SCHEDULER_SAMPLER:
+        return SAMPLERS[sampler].update == "first_order" and (SAMPLERS[sampler].eta if eta is None else eta) > 0
+    name = type(scheduler).__name__
+    return ("Ancestral" in name or name == "DDPMScheduler" or (name == "DDIMScheduler" and bool(eta))
+            or str(scheduler.config.get("algorithm_type", "")).startswith("sde"))
 
 
 def _check_finite(x: torch.Tensor, i: int, n: int, guidance: Guidance, sampler: str, sigma: float) -> None:
@@ -179,6 +189,9 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta: must be in [0, 1], got {eta!r}")
     sampler = resolve_sampler(sampler, guidance, scheduler)
+    if getattr(guidance, "requires_stochastic_sampler", False) and not _stochastic(sampler, eta, scheduler):
+        raise ValueError(f"sampler: method {guidance.name!r} needs a stochastic sampler (euler_ancestral, or ddim "
+                         f"with eta > 0), got sampler {sampler!r} with eta {eta!r}")
     if not bool(torch.isfinite(noise).all()):
         raise NonFiniteLatentsError("the initial latents contain NaN/inf (check `latents=`)")
     set_kwargs = dict(set_timesteps_kwargs or {})
@@ -224,7 +237,8 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
                 if replaced is not None:
                     x = replaced
             bar.update()
-    return SampleResult(x=x, denoised=denoised, nfe=float(nfe.float().mean()), nfe_per_sample=nfe.tolist())
+    return SampleResult(x=x, denoised=denoised, nfe=float(nfe.float().mean()), nfe_per_sample=nfe.tolist(),
+                        state=state)
 
 
 class _SolverRun:

@@ -1,7 +1,9 @@
 """The guidance methods, one file each; importing this package registers them all."""
 
+from .ag import AdaptiveGuidance
 from .apg import APG
 from .cfg import CFG
 from .cfgpp import CFGPlusPlus
+from .fkc import FKC
 
-__all__ = ["APG", "CFG", "CFGPlusPlus"]
+__all__ = ["AdaptiveGuidance", "APG", "CFG", "CFGPlusPlus", "FKC"]
