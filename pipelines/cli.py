@@ -118,6 +118,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_linear_ag(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_linear_ag
+    from .models import load_pipeline
+
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()] \
+        if args.prompts else None
+    if prompts is None:
+        from .shapes import make_dataset
+        prompts = list(make_dataset(args.num_prompts, seed=args.seed)[1])
+    prompts = prompts[:args.num_prompts]
+    pipe = load_pipeline(args.model, device=args.device, dtype="float32")
+    out = args.out or (args.model if args.model else None)
+    if out is None:
+        raise ValueError("--out: required with the default model (the package directory is not the place)")
+    meta = calibrate_linear_ag(pipe, prompts, out, steps=args.steps, scale=args.scale, sampler=args.sampler,
+                               window=args.window, period=args.period, seed=args.seed)
+    print(f"fitted {len(meta['predicted_steps'])} predicted steps on {meta['trajectories']} trajectories "
+          f"in {meta['seconds']:.1f} s; wrote {out}/linear_ag.safetensors and linear_ag.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guidance-engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     gen.add_argument("-o", "--output", default="out.png")
     gen.set_defaults(func=cmd_generate)
+
+    cal = sub.add_parser("calibrate-linear-ag", help="record CFG trajectories and fit LinearAG's coefficients")
+    cal.add_argument("--prompts", default=None, help="text file, one prompt a line (default: data-set captions)")
+    cal.add_argument("--num-prompts", type=int, default=200)
+    cal.add_argument("--steps", type=int, default=20)
+    cal.add_argument("--scale", type=float, default=7.5)
+    cal.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
+    cal.add_argument("--window", type=float, default=0.5, help="fraction of the run with predicted steps")
+    cal.add_argument("--period", type=int, default=0, help="every period-th step stays real (0: only the first)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--model", default=None)
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--out", default=None, help="directory for the coefficients (default: the model's)")
+    cal.set_defaults(func=cmd_calibrate_linear_ag)
 
     methods = sub.add_parser("methods", help="list guidance methods, their parameters and ranges")
     methods.set_defaults(func=cmd_methods)

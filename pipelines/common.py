@@ -30,6 +30,7 @@ class GuidedPipelineOutput(BaseOutput):
         nfe_per_image: network evaluations of each image.
         guidance: the method's config (``Guidance.to_dict()``).
         sampler: the sampler that ran.
+        guidance_state: the method's final per-run state (FKC's log-weights, AG's switch steps).
     """
 
     images: Any
@@ -38,6 +39,7 @@ class GuidedPipelineOutput(BaseOutput):
     nfe_per_image: list[int] = field(default_factory=list)
     guidance: dict[str, Any] = field(default_factory=dict)
     sampler: str = ""
+    guidance_state: Any = None
 
 
 class UNetBranches:
@@ -102,6 +104,14 @@ class GuidedPipelineMixin:
         if guidance_rescale:
             overrides["rescale"] = guidance_rescale
         return resolve_guidance(guidance, **overrides)
+
+    @staticmethod
+    def for_prompts(guide: Guidance, negative_prompt, negative_prompt_embeds) -> Guidance:
+        """The method for this call: LinearAG, fitted on the empty prompt, falls back to AG when
+        a negative prompt is given."""
+        if negative_prompt is not None or negative_prompt_embeds is not None:
+            return guide.with_negative_prompt()
+        return guide
 
     @staticmethod
     def initial_noise(shape: tuple[int, ...], generator, device, dtype, latents: torch.Tensor | None) -> torch.Tensor:

@@ -79,7 +79,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           None, None, callback_on_step_end_tensor_inputs)
-        guide = self.resolve_guidance(guidance, guidance_scale, guidance_rescale)
+        guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
+                                 negative_prompt, negative_prompt_embeds)
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
@@ -118,4 +119,5 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         if not return_dict:
             return image, has_nsfw
         return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=result.nfe, nfe_per_image=result.nfe_per_sample,
+                                    guidance_state=result.state,
                                     guidance=guide.to_dict(), sampler=sampler or "auto")

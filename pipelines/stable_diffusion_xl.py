@@ -74,7 +74,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
                           callback_on_step_end_tensor_inputs)
-        guide = self.resolve_guidance(guidance, guidance_scale, guidance_rescale)
+        guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
+                                 negative_prompt, negative_prompt_embeds)
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
@@ -128,7 +129,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return GuidedPipelineOutput(images=image, nfe=result.nfe, nfe_per_image=result.nfe_per_sample, guidance=guide.to_dict(), sampler=sampler or "auto")
+        return GuidedPipelineOutput(images=image, nfe=result.nfe, nfe_per_image=result.nfe_per_sample,
+                                    guidance_state=result.state, guidance=guide.to_dict(), sampler=sampler or "auto")
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The stock SDXL decode: fp16 VAEs upcast when configured, latents mean/std if present."""

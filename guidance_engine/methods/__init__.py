@@ -4,6 +4,7 @@ from .ag import AdaptiveGuidance
 from .apg import APG
 from .cfg import CFG
 from .cfgpp import CFGPlusPlus
+from .linear_ag import LinearAG
 from .fkc import FKC
 
-__all__ = ["AdaptiveGuidance", "APG", "CFG", "CFGPlusPlus", "FKC"]
+__all__ = ["AdaptiveGuidance", "APG", "CFG", "CFGPlusPlus", "FKC", "LinearAG"]
