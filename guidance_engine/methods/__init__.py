@@ -3,8 +3,9 @@
 from .ag import AdaptiveGuidance
 from .apg import APG
 from .cfg import CFG
+from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
 from .linear_ag import LinearAG
 from .fkc import FKC
 
-__all__ = ["AdaptiveGuidance", "APG", "CFG", "CFGPlusPlus", "FKC", "LinearAG"]
+__all__ = ["AdaptiveGuidance", "APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "FKC", "LinearAG"]
