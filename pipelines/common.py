@@ -156,6 +156,31 @@ class GuidedPipelineMixin:
                       eta=eta, generator=generator, timesteps=timesteps, sigmas=sigmas, callback=callback,
                       progress=progress or True)
 
+    @staticmethod
+    def particle_count(guide: Guidance) -> int:
+        """Particles per image: FKC's ``particles`` (each image is a group of K particles), else 1."""
+        return int(getattr(guide, "particles", 1) or 1)
+
+    @staticmethod
+    def repeat_for_particles(branches: UNetBranches, generator, k: int):
+        """Give every image K consecutive rows (one particle each): conditions repeated in place, a
+        generator list repeated so that an image's particles draw from that image's generator."""
+        for condition in branches.conditions.values():
+            for key, value in condition.items():
+                condition[key] = value.repeat_interleave(k, dim=0)
+        if isinstance(generator, list):
+            return [g for g in generator for _ in range(k)]
+        return generator
+
+    @staticmethod
+    def select_particles(result: SampleResult, k: int, particle_output: str) -> tuple[torch.Tensor, list[int]]:
+        """The latents to decode and each output image's NFE count (its whole group's work)."""
+        per_image = [sum(result.nfe_per_sample[i:i + k]) for i in range(0, len(result.nfe_per_sample), k)]
+        if particle_output == "all":
+            return result.x, [n for n in per_image for _ in range(k)]
+        from guidance_engine.methods.fkc import best_particles
+        return best_particles(result.x, result.state), per_image
+
     def check_callback_inputs(self, names: Sequence[str]) -> None:
         allowed = list(self._callback_tensor_inputs)
         bad = [n for n in names if n not in allowed]

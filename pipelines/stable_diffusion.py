@@ -51,6 +51,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
+        particle_output: str = "best",
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:
         """Generate images. Arguments are the stock pipeline's, plus:
@@ -64,6 +65,10 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
                 "euler", "euler_ancestral" or "dpmpp_2m" (the core's solvers), or None: the
                 scheduler, or the solver mirroring it when the method needs one (CFG++).
             eta: DDIM's eta in [0, 1] (DDIM scheduler or sampler "ddim").
+            particle_output: with a particle method (FKC, ``particles`` K > 1) every image is a
+                group of K particles: "best" returns the highest-weighted particle of each group,
+                "all" every particle (K images per image, consecutive). ``nfe`` counts the work
+                of a whole group.
 
         Returns:
             :class:`GuidedPipelineOutput` (images, nsfw flags, ``nfe`` per image, the guidance
@@ -96,8 +101,17 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             "uncond": {"encoder_hidden_states": negative_prompt_embeds},
         }, cross_attention_kwargs)
 
+        particles = self.particle_count(guide)
+        if particle_output not in ("best", "all"):
+            raise ValueError(f"particle_output: must be 'best' or 'all', got {particle_output!r}")
         shape = (batch_size * num_images_per_prompt, self.unet.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"generator: a list needs one generator per image ({shape[0]}), got {len(generator)}")
+        if particles > 1:
+            generator = self.repeat_for_particles(branches, generator, particles)
+            latents = None if latents is None else latents.repeat_interleave(particles, dim=0)
+            shape = (shape[0] * particles, *shape[1:])
         noise = self.initial_noise(shape, generator, device, prompt_embeds.dtype, latents)
         result = self.run_sampler(
             branches, noise, guide, sampler=sampler, num_inference_steps=num_inference_steps, timesteps=timesteps,
@@ -106,7 +120,9 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
                               "negative_prompt_embeds": ("uncond", "encoder_hidden_states")})
 
-        latents = result.x
+        latents, nfe_per_image = (result.x, result.nfe_per_sample) if particles == 1 else \
+            self.select_particles(result, particles, particle_output)
+        mean_nfe = sum(nfe_per_image) / len(nfe_per_image)
         if output_type == "latent":
             image, has_nsfw = latents, None
         else:
@@ -118,6 +134,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         self.maybe_free_model_hooks()
         if not return_dict:
             return image, has_nsfw
-        return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=result.nfe, nfe_per_image=result.nfe_per_sample,
+        return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=mean_nfe,
+                                    nfe_per_image=nfe_per_image,
                                     guidance_state=result.state,
                                     guidance=guide.to_dict(), sampler=sampler or "auto")

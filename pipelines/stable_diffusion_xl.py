@@ -56,6 +56,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
+        particle_output: str = "best",
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:
         """Generate images. Arguments are the stock SDXL pipeline's (``denoising_end`` and
@@ -108,7 +109,16 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
                        "time_ids": negative_time_ids.to(device).repeat(rows, 1)},
         }, cross_attention_kwargs)
 
+        particles = self.particle_count(guide)
+        if particle_output not in ("best", "all"):
+            raise ValueError(f"particle_output: must be 'best' or 'all', got {particle_output!r}")
         shape = (rows, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"generator: a list needs one generator per image ({shape[0]}), got {len(generator)}")
+        if particles > 1:
+            generator = self.repeat_for_particles(branches, generator, particles)
+            latents = None if latents is None else latents.repeat_interleave(particles, dim=0)
+            shape = (shape[0] * particles, *shape[1:])
         noise = self.initial_noise(shape, generator, device, prompt_embeds.dtype, latents)
         result = self.run_sampler(
             branches, noise, guide, sampler=sampler, num_inference_steps=num_inference_steps, timesteps=timesteps,
@@ -121,7 +131,9 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
                               "add_time_ids": ("cond", "time_ids"),
                               "negative_add_time_ids": ("uncond", "time_ids")})
 
-        latents = result.x
+        latents, nfe_per_image = (result.x, result.nfe_per_sample) if particles == 1 else \
+            self.select_particles(result, particles, particle_output)
+        mean_nfe = sum(nfe_per_image) / len(nfe_per_image)
         if output_type == "latent":
             image = latents
         else:
@@ -129,7 +141,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return GuidedPipelineOutput(images=image, nfe=result.nfe, nfe_per_image=result.nfe_per_sample,
+        return GuidedPipelineOutput(images=image, nfe=mean_nfe, nfe_per_image=nfe_per_image,
                                     guidance_state=result.state, guidance=guide.to_dict(), sampler=sampler or "auto")
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -171,3 +171,21 @@ def test_pipeline_object_is_reusable_and_not_mutated_by_calls(sd_pair) -> None:
     _latents(guided, guidance="cfgpp", num_inference_steps=7)
     assert torch.equal(_latents(guided, guidance="apg"), first)
     assert guided.scheduler.num_inference_steps is None
+
+
+def test_fkc_particles_through_the_pipeline(sd_pair) -> None:
+    _, guided = sd_pair
+    fkc = {"name": "fkc", "scale": 3.0, "particles": 3}
+    best = guided([PROMPT, "two blue squares"], num_inference_steps=4, guidance=fkc, sampler="euler_ancestral",
+                  generator=[seeded(1), seeded(2)], output_type="latent")
+    assert best.images.shape[0] == 2 and best.nfe_per_image == [24, 24]
+    everything = guided([PROMPT, "two blue squares"], num_inference_steps=4, guidance=fkc,
+                        sampler="euler_ancestral", generator=[seeded(1), seeded(2)], output_type="latent",
+                        particle_output="all")
+    assert everything.images.shape[0] == 6
+    weights = everything.guidance_state.log_weights.view(2, 3)
+    # "best" is the highest-weighted particle of each group of the same run
+    picked = everything.images.view(2, 3, *everything.images.shape[1:])[torch.arange(2), weights.argmax(1)]
+    assert torch.equal(picked, best.images)
+    with pytest.raises(ValueError, match="needs a stochastic sampler"):
+        guided(PROMPT, num_inference_steps=2, guidance=fkc, sampler="ddim")

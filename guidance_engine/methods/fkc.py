@@ -248,7 +248,7 @@ class FKC(Guidance):
         if not bool(chosen.any()):
             return None
         draw = systematic_resample if self.resampling == "systematic" else multinomial_resample
-        ancestors = draw(lw[chosen.cpu()], state.generator).to(x.device)
+        ancestors = draw(lw[chosen], state.generator).to(x.device)
         keep = torch.arange(rows, device=x.device).view(groups, k)
         offsets = (torch.nonzero(chosen).view(-1).to(x.device) * k).unsqueeze(1)
         keep[chosen.to(x.device)] = offsets + ancestors
