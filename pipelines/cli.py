@@ -1,4 +1,5 @@
-"""The ``guidance-engine`` command: generate images, list methods.
+"""The ``guidance-engine`` command: generate images, batches on many processes, LinearAG calibration,
+the list of methods.
 
     guidance-engine generate "a red circle on a blue background" --method apg --scale 7.5 -o out.png
     guidance-engine methods
@@ -25,6 +26,8 @@ from typing import Any, Sequence
 from guidance_engine.guidance import describe_range  # noqa: E402
 from guidance_engine.registry import method_class, method_names, resolve_guidance  # noqa: E402
 from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
+
+from .batch import add_batch_parser  # noqa: E402
 
 
 def _number_or_text(text: str) -> Any:
@@ -57,6 +60,9 @@ def atomic_save_png(image, path: Path, metadata: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -177,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--out", default=None, help="directory for the coefficients (default: the model's)")
     cal.set_defaults(func=cmd_calibrate_linear_ag)
+
+    add_batch_parser(sub)
 
     methods = sub.add_parser("methods", help="list guidance methods, their parameters and ranges")
     methods.set_defaults(func=cmd_methods)
