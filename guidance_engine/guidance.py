@@ -165,6 +165,10 @@ class Guidance:
         shape = {"constant": 1.0, "linear": 2.0 * p, "cosine": 1.0 - math.cos(math.pi * p)}[self.schedule]
         return self.neutral_scale + (self.scale - self.neutral_scale) * shape
 
+    def required_branches(self) -> set[str]:
+        """Every branch the method may request; a pipeline checks it can provide them all."""
+        return {"cond", "uncond"}
+
     def init_state(self, batch_size: int, device: torch.device) -> Any:
         """Per-run state (None for stateless methods); created by the core for every call."""
         return None

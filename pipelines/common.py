@@ -54,10 +54,23 @@ class UNetBranches:
     _ADDED = ("text_embeds", "time_ids")
 
     def __init__(self, unet, conditions: dict[str, dict[str, torch.Tensor]],
-                 cross_attention_kwargs: dict[str, Any] | None = None) -> None:
+                 cross_attention_kwargs: dict[str, Any] | None = None,
+                 providers: Mapping[str, Callable[[], dict[str, torch.Tensor]]] | None = None) -> None:
         self.unet = unet
         self.conditions = conditions
         self.cross_attention_kwargs = cross_attention_kwargs
+        # Branches whose conditioning is drawn afresh at every step (ICG's independent condition).
+        self.providers = dict(providers or {})
+
+    def available(self) -> set[str]:
+        return set(self.conditions) | set(self.providers)
+
+    def check_supports(self, guide: Guidance) -> None:
+        """ValueError before any model call if the method needs a branch this pipeline lacks."""
+        missing = sorted(guide.required_branches() - self.available())
+        if missing:
+            raise ValueError(f"guidance: method {guide.name!r} needs branch(es) {missing}, which this pipeline "
+                             f"does not provide (it has {sorted(self.available())})")
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor,
                  requests: Sequence[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
@@ -65,7 +78,8 @@ class UNetBranches:
             return tensor if rows is None else tensor[rows]
 
         names = [name for name, _ in requests]
-        parts = [(self.conditions[name], rows) for name, rows in requests]
+        parts = [(self.conditions[name] if name in self.conditions else self.providers[name](), rows)
+                 for name, rows in requests]
         xs = [rows_of(x, rows) for _, rows in parts]
         x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
         hidden = torch.cat([rows_of(c["encoder_hidden_states"], rows) for c, rows in parts])
@@ -150,6 +164,7 @@ class GuidedPipelineMixin:
                     if name in outputs:
                         branches.conditions[branch][key] = outputs[name]
                 return outputs.get("latents")
+        branches.check_supports(guidance)
         progress = {**getattr(self, "_progress_bar_config", {})}
         return sample(branches, noise, guidance, scheduler=self.scheduler, num_steps=num_inference_steps,
                       prediction_type=self.scheduler.config.get("prediction_type", "epsilon"), sampler=sampler,

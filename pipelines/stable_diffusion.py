@@ -99,7 +99,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         branches = UNetBranches(self.unet, {
             "cond": {"encoder_hidden_states": prompt_embeds},
             "uncond": {"encoder_hidden_states": negative_prompt_embeds},
-        }, cross_attention_kwargs)
+        }, cross_attention_kwargs, providers=self.independent_conditions(prompt_embeds, generator))
 
         particles = self.particle_count(guide)
         if particle_output not in ("best", "all"):
@@ -138,3 +138,24 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
                                     nfe_per_image=nfe_per_image,
                                     guidance_state=result.state,
                                     guidance=guide.to_dict(), sampler=sampler or "auto")
+
+    def independent_conditions(self, prompt_embeds: torch.Tensor, generator) -> dict:
+        """ICG's y_hat, drawn afresh at every call: the text encoding of uniformly random token ids
+        over the full maximum length (no attention mask), or Gaussian noise scaled by the global
+        std of the real embeddings. Seeded from the call's generator (a private stream per run)."""
+        first = generator[0] if isinstance(generator, list) else generator
+        stream = torch.Generator().manual_seed(first.initial_seed() + 7919 if first is not None else
+                                               int(torch.randint(0, 2**31 - 1, ()).item()))
+        rows, length = prompt_embeds.shape[0], self.tokenizer.model_max_length
+        std = float(prompt_embeds.float().std())
+
+        def random_tokens() -> dict[str, torch.Tensor]:
+            ids = torch.randint(0, self.text_encoder.config.vocab_size, (rows, length), generator=stream)
+            hidden = self.text_encoder(ids.to(self.text_encoder.device), attention_mask=None)[0]
+            return {"encoder_hidden_states": hidden.to(prompt_embeds.dtype)}
+
+        def noise() -> dict[str, torch.Tensor]:
+            draw = torch.randn(prompt_embeds.shape, generator=stream, dtype=torch.float32) * std
+            return {"encoder_hidden_states": draw.to(prompt_embeds.device, prompt_embeds.dtype)}
+
+        return {"icg_random_tokens": random_tokens, "icg_noise": noise}

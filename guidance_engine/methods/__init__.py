@@ -7,5 +7,6 @@ from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
 from .linear_ag import LinearAG
 from .fkc import FKC
+from .icg import ICG
 
-__all__ = ["AdaptiveGuidance", "APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "FKC", "LinearAG"]
+__all__ = ["AdaptiveGuidance", "APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "FKC", "ICG", "LinearAG"]

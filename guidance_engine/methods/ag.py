@@ -83,6 +83,9 @@ class AdaptiveGuidance(Guidance):
         config["inner"] = self.inner.to_dict()
         return config
 
+    def required_branches(self) -> set[str]:
+        return self.inner.required_branches()
+
     def init_state(self, batch_size: int, device: torch.device) -> AGState:
         return AGState(switched_at=torch.full((batch_size,), -1, dtype=torch.long, device=device),
                        inner=self.inner.init_state(batch_size, device))

@@ -177,6 +177,10 @@ class FKC(Guidance):
                         ancestors=torch.arange(batch_size, device=device),
                         generator=torch.Generator("cpu").manual_seed(self.seed), particles=self.particles)
 
+    def required_branches(self) -> set[str]:
+        return {"cond", "cond2"} if self.target == "product" else ({"cond"} if self.target == "anneal"
+                                                                     else {"cond", "uncond"})
+
     def branches(self, step: StepInfo, state: Any) -> tuple[str, ...]:
         if self.target == "product":
             return ("cond", "cond2")
