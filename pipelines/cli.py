@@ -93,6 +93,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     diffusers_logging.disable_progress_bar()  # loading bars; the sampling bar stays
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    if args.attention != "sdpa":
+        in_effect = pipe.set_attention(args.attention)
+        if in_effect != args.attention:
+            print(f"attention: {args.attention} is not available here, using {in_effect}", file=sys.stderr)
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     start = time.perf_counter()
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
@@ -167,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    gen.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "triton"),
+                     help="attention processor (triton: the project's kernel; falls back to sdpa where it cannot run)")
     gen.add_argument("-o", "--output", default="out.png")
     gen.set_defaults(func=cmd_generate)
 

@@ -171,6 +171,13 @@ class GuidedPipelineMixin:
                       eta=eta, generator=generator, timesteps=timesteps, sigmas=sigmas, callback=callback,
                       progress=progress or True)
 
+    def set_attention(self, name: str) -> str:
+        """Use attention processor ``name`` ("sdpa", "xformers", "triton") in the UNet; returns
+        the one in effect ("sdpa" after a logged fallback when the kernel cannot run here)."""
+        from guidance_engine.cuda.processors import set_attention
+
+        return set_attention(self, name)
+
     @staticmethod
     def particle_count(guide: Guidance) -> int:
         """Particles per image: FKC's ``particles`` (each image is a group of K particles), else 1."""
