@@ -1,1 +1,2 @@
-"""GPU kernels and attention processors (Triton). Empty until the attention-kernel issue lands."""
+"""GPU kernels and attention processors: the Triton flash-attention kernel (``attention``) and the
+"sdpa" / "xformers" / "triton" processors with guidance-aware shared K/V (``processors``)."""
