@@ -130,15 +130,38 @@ class GuidedPipelineMixin:
     @staticmethod
     def initial_noise(shape: tuple[int, ...], generator, device, dtype, latents: torch.Tensor | None) -> torch.Tensor:
         """Unit Gaussian noise drawn as diffusers' ``prepare_latents`` draws it (or ``latents``)."""
-        if isinstance(generator, list) and len(generator) != shape[0]:
-            raise ValueError(f"generator: a list needs one generator per image ({shape[0]}), got {len(generator)}")
         if latents is not None:
             if tuple(latents.shape) != tuple(shape):
                 raise ValueError(f"latents: expected shape {tuple(shape)}, got {tuple(latents.shape)}")
             return latents.to(device=device, dtype=dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
-    def run_sampler(self, branches: UNetBranches, noise: torch.Tensor, guidance: Guidance, *, sampler: str | None,
+    def denoise(self, branches: UNetBranches, guide: Guidance, shape: tuple[int, ...], *, dtype: torch.dtype,
+                device: torch.device, generator, latents: torch.Tensor | None, particle_output: str,
+                **core_kwargs: Any) -> tuple[torch.Tensor, list[int], Any]:
+        """Draw the initial noise and run the core; returns (latents to decode, NFEs per output
+        image, the method's final state). With a particle method every image becomes a group of
+        K consecutive rows (conditions, noise, generators), and "best" keeps one per group."""
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"generator: a list needs one generator per image ({shape[0]}), got {len(generator)}")
+        particles = self.particle_count(guide)
+        if particles > 1:
+            generator = self.repeat_for_particles(branches, generator, particles)
+            latents = None if latents is None else latents.repeat_interleave(particles, dim=0)
+            shape = (shape[0] * particles, *shape[1:])
+        noise = self.initial_noise(shape, generator, device, dtype, latents)
+        result = self._run_core(branches, noise, guide, generator=generator, **core_kwargs)
+        if particles == 1:
+            return result.x, result.nfe_per_sample, result.state
+        x, nfe_per_image = self.select_particles(result, particles, particle_output)
+        return x, nfe_per_image, result.state
+
+    @staticmethod
+    def check_particle_output(particle_output: str) -> None:
+        if particle_output not in ("best", "all"):
+            raise ValueError(f"particle_output: must be 'best' or 'all', got {particle_output!r}")
+
+    def _run_core(self, branches: UNetBranches, noise: torch.Tensor, guidance: Guidance, *, sampler: str | None,
                     num_inference_steps: int, timesteps, sigmas, eta: float | None, generator,
                     callback_on_step_end, callback_on_step_end_tensor_inputs: list[str],
                     callback_tensors: Mapping[str, tuple[str, str]]) -> SampleResult:

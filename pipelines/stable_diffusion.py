@@ -84,6 +84,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           None, None, callback_on_step_end_tensor_inputs)
+        self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
                                  negative_prompt, negative_prompt_embeds)
         if prompt is not None:
@@ -101,27 +102,15 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             "uncond": {"encoder_hidden_states": negative_prompt_embeds},
         }, cross_attention_kwargs, providers=self.independent_conditions(prompt_embeds, generator))
 
-        particles = self.particle_count(guide)
-        if particle_output not in ("best", "all"):
-            raise ValueError(f"particle_output: must be 'best' or 'all', got {particle_output!r}")
         shape = (batch_size * num_images_per_prompt, self.unet.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != shape[0]:
-            raise ValueError(f"generator: a list needs one generator per image ({shape[0]}), got {len(generator)}")
-        if particles > 1:
-            generator = self.repeat_for_particles(branches, generator, particles)
-            latents = None if latents is None else latents.repeat_interleave(particles, dim=0)
-            shape = (shape[0] * particles, *shape[1:])
-        noise = self.initial_noise(shape, generator, device, prompt_embeds.dtype, latents)
-        result = self.run_sampler(
-            branches, noise, guide, sampler=sampler, num_inference_steps=num_inference_steps, timesteps=timesteps,
-            sigmas=sigmas, eta=eta, generator=generator, callback_on_step_end=callback_on_step_end,
+        latents, nfe_per_image, state = self.denoise(
+            branches, guide, shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
+            particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
+            timesteps=timesteps, sigmas=sigmas, eta=eta, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
                               "negative_prompt_embeds": ("uncond", "encoder_hidden_states")})
-
-        latents, nfe_per_image = (result.x, result.nfe_per_sample) if particles == 1 else \
-            self.select_particles(result, particles, particle_output)
         mean_nfe = sum(nfe_per_image) / len(nfe_per_image)
         if output_type == "latent":
             image, has_nsfw = latents, None
@@ -136,7 +125,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             return image, has_nsfw
         return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=mean_nfe,
                                     nfe_per_image=nfe_per_image,
-                                    guidance_state=result.state,
+                                    guidance_state=state,
                                     guidance=guide.to_dict(), sampler=sampler or "auto")
 
     def independent_conditions(self, prompt_embeds: torch.Tensor, generator) -> dict:
