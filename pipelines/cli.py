@@ -76,10 +76,18 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+def _load(model: str | None, device: str, dtype: str = "float32"):
+    """The pipeline, without diffusers' loading bars (the sampling bar stays)."""
+    from diffusers.utils import logging as diffusers_logging
 
     from .models import load_pipeline
+
+    diffusers_logging.disable_progress_bar()
+    return load_pipeline(model, device=device, dtype=dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
 
     params = _parse_params(args.param)
     if args.scale is not None:
@@ -89,10 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: must be an integer >= 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images: must be an integer >= 1, got {args.num_images}")
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()  # loading bars; the sampling bar stays
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = _load(args.model, args.device, args.dtype)
     if args.attention != "sdpa":
         in_effect = pipe.set_attention(args.attention)
         if in_effect != args.attention:
@@ -111,6 +116,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
         atomic_save_png(image, path, meta)
         print(f"wrote {path}")
     print(f"method {guidance.name}, {out.nfe:g} network evaluations per image, {seconds:.2f} s")
+    return 0
+
+
+def parse_methods(text: str) -> list[dict[str, Any]]:
+    """``cfg,apg:scale=10,cfgpp:scale=0.6`` -> method dicts (each validated by the registry)."""
+    methods = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, rest = item.partition(":")
+        params = _parse_params([kv for kv in rest.split(";") if kv]) if rest else {}
+        resolve_guidance(name, **params)  # validate before any model loads
+        methods.append({"name": name, **params})
+    if not methods:
+        raise ValueError(f"--methods: expected e.g. 'cfg,apg:scale=10', got {text!r}")
+    return methods
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import DEFAULT_PROMPTS, evaluate, format_table, plot_metrics
+
+    methods = parse_methods(args.methods)
+    pipe = _load(args.model, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    rows = evaluate(pipe, methods, prompts=DEFAULT_PROMPTS, seeds=range(args.seeds), steps=args.steps,
+                    sampler=args.sampler)
+    print(format_table(rows))
+    if args.plot:
+        print(f"wrote {plot_metrics(rows, args.plot)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluation import compare_grid
+
+    methods = parse_methods(args.methods)
+    pipe = _load(args.model, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    path = compare_grid(pipe, args.prompt, methods, range(args.seed, args.seed + args.seeds), args.output,
+                        steps=args.steps)
+    print(f"wrote {path}")
     return 0
 
 
@@ -191,6 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=cmd_calibrate_linear_ag)
 
     add_batch_parser(sub)
+
+    ev = sub.add_parser("eval", help="metrics table (alignment, fidelity, saturation, ...) for methods")
+    ev.add_argument("--methods", default="cfg,cfgpp,apg", help="e.g. 'cfg,apg:scale=10,cfgpp:scale=0.6'")
+    ev.add_argument("--seeds", type=int, default=6)
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
+    ev.add_argument("--plot", default=None, help="write a PNG of the metrics here")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser("compare", help="labelled grid: one row per method, same seed per column")
+    cmp.add_argument("prompt")
+    cmp.add_argument("--methods", default="cfg:scale=1,cfg,cfgpp,apg")
+    cmp.add_argument("--seeds", type=int, default=4)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--steps", type=int, default=20)
+    cmp.add_argument("--model", default=None)
+    cmp.add_argument("--device", default="cpu")
+    cmp.add_argument("-o", "--output", default="compare.png")
+    cmp.set_defaults(func=cmd_compare)
 
     methods = sub.add_parser("methods", help="list guidance methods, their parameters and ranges")
     methods.set_defaults(func=cmd_methods)

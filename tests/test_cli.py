@@ -47,3 +47,16 @@ def test_methods_lists_every_method_with_ranges(capsys) -> None:
     text = capsys.readouterr().out
     for expected in ("cfg:", "cfgpp:", "apg:", "--param norm_threshold=15.0", "(0, inf)", "dpmpp_2m"):
         assert expected in text
+
+
+def test_eval_and_compare_commands(tmp_path, capsys) -> None:
+    assert main(["eval", "--methods", "cfg:scale=1,apg:scale=5", "--seeds", "1", "--steps", "2",
+                 "--plot", str(tmp_path / "m.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| cfg(scale=1) |" in table and "apg(scale=5" in table and (tmp_path / "m.png").is_file()
+    out = tmp_path / "grid.png"
+    assert main(["compare", "a red circle on a blue background", "--methods", "cfg,cfgpp", "--seeds", "2",
+                 "--steps", "2", "-o", str(out)]) == 0
+    assert Image.open(out).size[0] > 64
+    assert main(["eval", "--methods", "cfg:scale=-3"]) == 2
+    assert "parameter 'scale' must be [0, 100], got -3" in capsys.readouterr().err
