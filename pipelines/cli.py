@@ -8,6 +8,7 @@ the list of methods.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -164,9 +165,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
         print(f"    paper: {cls.paper}")
         for f in cls.parameters():
-            default = f.default
-            doc = f.metadata.get("doc", "")
-            print(f"    --param {f.name}={default!r:<10} {describe_range(f.metadata):<24} {doc}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if hasattr(default, "to_dict"):
+                default = default.name  # a nested method: give its name (or a dict in Python)
+            accepted = describe_range(f.metadata) if "low" in f.metadata else "see meaning"
+            print(f"    --param {f.name}={default!r:<10} {accepted:<24} {f.metadata.get('doc', '')}")
     print("samplers: " + ", ".join(f"{name} ({SAMPLERS[name].description})" if name in SAMPLERS else
                                    f"{name} (the model's diffusers scheduler)" for name in SAMPLER_NAMES))
     return 0
