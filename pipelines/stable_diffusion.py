@@ -52,6 +52,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
         particle_output: str = "best",
+        product_prompt: str | list[str] | None = None,
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:
         """Generate images. Arguments are the stock pipeline's, plus:
@@ -69,6 +70,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
                 group of K particles: "best" returns the highest-weighted particle of each group,
                 "all" every particle (K images per image, consecutive). ``nfe`` counts the work
                 of a whole group.
+            product_prompt: a second prompt for product-of-experts targets (FKC
+                ``target="product"`` samples from (p(x|prompt) p(x|product_prompt))^b).
 
         Returns:
             :class:`GuidedPipelineOutput` (images, nsfw flags, ``nfe`` per image, the guidance
@@ -101,6 +104,13 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             "cond": {"encoder_hidden_states": prompt_embeds},
             "uncond": {"encoder_hidden_states": negative_prompt_embeds},
         }, cross_attention_kwargs, providers=self.independent_conditions(prompt_embeds, generator))
+        if product_prompt is not None:
+            second = self.encode_prompt(product_prompt, device, num_images_per_prompt, False, lora_scale=lora_scale,
+                                        clip_skip=clip_skip)[0]
+            if second.shape[0] != prompt_embeds.shape[0]:
+                raise ValueError(f"product_prompt: needs one prompt per prompt ({batch_size}), got "
+                                 f"{second.shape[0] // num_images_per_prompt}")
+            branches.conditions["cond2"] = {"encoder_hidden_states": second}
 
         shape = (batch_size * num_images_per_prompt, self.unet.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)

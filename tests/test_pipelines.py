@@ -189,3 +189,15 @@ def test_fkc_particles_through_the_pipeline(sd_pair) -> None:
     assert torch.equal(picked, best.images)
     with pytest.raises(ValueError, match="needs a stochastic sampler"):
         guided(PROMPT, num_inference_steps=2, guidance=fkc, sampler="ddim")
+
+
+def test_fkc_product_of_experts_takes_a_second_prompt(sd_pair) -> None:
+    _, guided = sd_pair
+    poe = {"name": "fkc", "target": "product", "scale": 1.0, "particles": 2}
+    out = guided(PROMPT, product_prompt="two blue squares", num_inference_steps=3, guidance=poe,
+                 sampler="euler_ancestral", generator=seeded(0), output_type="latent")
+    assert out.images.shape[0] == 1 and out.nfe_per_image == [12]  # 2 particles x 2 experts x 3 steps
+    calls = _count_unet_calls(guided)
+    with pytest.raises(ValueError, match=r"needs branch\(es\) \['cond2'\]"):
+        guided(PROMPT, num_inference_steps=2, guidance=poe, sampler="euler_ancestral")
+    assert calls == []
