@@ -45,6 +45,23 @@ def describe_range(meta: Mapping[str, Any]) -> str:
     return f"{left}{lo}, {hi}{right}"
 
 
+class Branch(str):
+    """A branch name that also says how the network is altered for its rows (a ``str``, so it
+    keys prediction dicts like a plain name). ``base`` names the branch whose conditioning it
+    reuses; ``time_noise`` > 0 adds ``time_noise * std(emb) * n`` (n ~ N(0, I) from
+    ``generator``) to the time-step embedding of its rows only (TSG)."""
+
+    base: str
+    time_noise: float
+    generator: torch.Generator | None
+
+    def __new__(cls, name: str, *, base: str, time_noise: float = 0.0,
+                generator: torch.Generator | None = None) -> Branch:
+        branch = super().__new__(cls, name)
+        branch.base, branch.time_noise, branch.generator = base, time_noise, generator
+        return branch
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """Where the sampler is: step ``index`` of ``num_steps``, moving from ``sigma`` to ``sigma_next``.

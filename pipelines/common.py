@@ -3,6 +3,7 @@ UNet, the callback adapter, and the call into the sampler core. Pipelines stay t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,6 +43,29 @@ class GuidedPipelineOutput(BaseOutput):
     guidance_state: Any = None
 
 
+@contextlib.contextmanager
+def perturbed_time_embedding(unet, spans: list[tuple[int, int, Any]]):
+    """Add noise to the time-step embedding (after its MLP) of the rows in ``spans`` only, for one
+    forward; the hook is removed in ``finally``, so the model is never left altered."""
+    if not spans:
+        yield
+        return
+
+    def hook(module, inputs, emb):
+        emb = emb.clone()
+        for start, end, branch in spans:
+            rows = emb[start:end]
+            noise = torch.randn(rows.shape, generator=branch.generator, dtype=torch.float32).to(rows)
+            emb[start:end] = rows + branch.time_noise * rows.float().std() * noise
+        return emb
+
+    handle = unet.time_embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class UNetBranches:
     """Evaluates branches on a conditional UNet in ONE forward: the rows of branch ``b`` see that
     branch's conditioning (text embeddings, SDXL's pooled embeddings and time ids).
@@ -62,6 +86,13 @@ class UNetBranches:
         # Branches whose conditioning is drawn afresh at every step (ICG's independent condition).
         self.providers = dict(providers or {})
 
+    def _condition(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self.conditions:
+            return self.conditions[name]
+        if name in self.providers:
+            return self.providers[name]()
+        return self.conditions[name.base]  # a derived branch (Branch): its base's conditioning
+
     def available(self) -> set[str]:
         return set(self.conditions) | set(self.providers)
 
@@ -78,16 +109,21 @@ class UNetBranches:
             return tensor if rows is None else tensor[rows]
 
         names = [name for name, _ in requests]
-        parts = [(self.conditions[name] if name in self.conditions else self.providers[name](), rows)
-                 for name, rows in requests]
+        parts = [(self._condition(name), rows) for name, rows in requests]
         xs = [rows_of(x, rows) for _, rows in parts]
         x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
         hidden = torch.cat([rows_of(c["encoder_hidden_states"], rows) for c, rows in parts])
         added = None
         if all(key in parts[0][0] for key in self._ADDED):
             added = {key: torch.cat([rows_of(c[key], rows) for c, rows in parts]) for key in self._ADDED}
-        out = self.unet(x_in, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added,
-                        cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+        spans, start = [], 0
+        for (name, _), part in zip(requests, xs):
+            if getattr(name, "time_noise", 0.0) > 0:
+                spans.append((start, start + len(part), name))
+            start += len(part)
+        with perturbed_time_embedding(self.unet, spans):
+            out = self.unet(x_in, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added,
+                            cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
         if len(parts) == 1:
             return {names[0]: out}
         if all(rows is None for _, rows in parts):
