@@ -11,7 +11,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, StableDiffusionPipeline)
 
 from guidance_engine import APG, CFG
-from guidance_engine.pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
+from guidance_engine.pipelines import GuidedStableDiffusionPipeline
 from guidance_engine.pipelines.tiny_models import save_tiny_sd, tiny_sd_components
 from guidance_engine.samplers import NonFiniteLatentsError
 from conftest import PROMPT, quiet, seeded

@@ -37,7 +37,6 @@ def test_cfg_is_the_same_in_every_space(kind: str) -> None:
     """Oracle: CFG (weights summing to one) gives the same x0 in eps, x0, v and flow space."""
     torch.manual_seed(1)
     alpha, sigma = _levels(kind, 2)
-    a, s = alpha.view(2, 1, 1, 1).float(), sigma.view(2, 1, 1, 1).float()
     x = torch.randn(2, 4, 6, 6)
     eps_c, eps_u = torch.randn_like(x), torch.randn_like(x)
     scale = 6.5
