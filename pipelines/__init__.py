@@ -14,6 +14,7 @@ _EXPORTS = {
     "UNetBranches": ".common",
     "GuidedStableDiffusionPipeline": ".stable_diffusion",
     "GuidedStableDiffusionXLPipeline": ".stable_diffusion_xl",
+    "GuidedStableDiffusion3Pipeline": ".stable_diffusion_3",
     "default_model_path": ".models",
     "load_pipeline": ".models",
 }

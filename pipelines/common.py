@@ -16,6 +16,7 @@ from guidance_engine.guidance import Guidance
 from guidance_engine.methods.cfg import CFG
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SampleResult, StepRecord, sample
+from guidance_engine.samplers.schedule import is_flow_scheduler
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
 
@@ -200,7 +201,8 @@ class GuidedPipelineMixin:
     def _run_core(self, branches: UNetBranches, noise: torch.Tensor, guidance: Guidance, *, sampler: str | None,
                     num_inference_steps: int, timesteps, sigmas, eta: float | None, generator,
                     callback_on_step_end, callback_on_step_end_tensor_inputs: list[str],
-                    callback_tensors: Mapping[str, tuple[str, str]]) -> SampleResult:
+                    callback_tensors: Mapping[str, tuple[str, str]],
+                    set_timesteps_kwargs: Mapping[str, Any] | None = None) -> SampleResult:
         """Run the core on this pipeline's scheduler, adapting ``callback_on_step_end``.
 
         ``callback_tensors`` maps a callback tensor name to (branch, conditioning key) so that a
@@ -225,8 +227,10 @@ class GuidedPipelineMixin:
                 return outputs.get("latents")
         branches.check_supports(guidance)
         progress = {**getattr(self, "_progress_bar_config", {})}
+        prediction_type = "flow" if is_flow_scheduler(self.scheduler) else \
+            self.scheduler.config.get("prediction_type", "epsilon")
         return sample(branches, noise, guidance, scheduler=self.scheduler, num_steps=num_inference_steps,
-                      prediction_type=self.scheduler.config.get("prediction_type", "epsilon"), sampler=sampler,
+                      prediction_type=prediction_type, sampler=sampler, set_timesteps_kwargs=set_timesteps_kwargs,
                       eta=eta, generator=generator, timesteps=timesteps, sigmas=sigmas, callback=callback,
                       progress=progress or True)
 

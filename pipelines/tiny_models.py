@@ -481,3 +481,36 @@ def save_tiny_sdxl(path: str | os.PathLike[str], seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed=seed))
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def tiny_sd3_components(seed: int = 0, tokenizer_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Components for ``StableDiffusion3Pipeline(**components)``: a one-layer SD3 transformer
+    (flow matching), two tiny CLIP text encoders with projection, no T5 (the pipeline then uses
+    zeros for its part, as SD3 allows), the tiny VAE and a ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    with _tokenizer_directory(tokenizer_dir) as directory:
+        tokenizer = build_tiny_tokenizer(directory)
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=TINY_LATENT_SIZE, patch_size=1, in_channels=TINY_LATENT_CHANNELS, num_layers=1,
+            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+            pooled_projection_dim=64, out_channels=TINY_LATENT_CHANNELS, pos_embed_max_size=32)
+    with _seeded(seed + 1):
+        text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu"))
+    with _seeded(seed + 2):
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu"))
+    vae = _tiny_vae(seed)
+    vae.register_to_config(shift_factor=0.0)  # SD3 decodes latents / scaling_factor + shift_factor
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "text_encoder_3": None,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "tokenizer_3": None,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }

@@ -1,0 +1,153 @@
+"""``GuidedStableDiffusion3Pipeline``: the stock SD3 pipeline (flow matching, MMDiT transformer,
+two CLIP encoders and T5) with the engine's sampler core. Prompt encoding, the dynamic shift of
+the flow schedule, input checks and decoding are the stock pipeline's; the loop is the core's."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+
+
+class TransformerBranches(UNetBranches):
+    """The branch model over an SD3 transformer: one forward, rows of each branch with that
+    branch's text embeddings and pooled projections (stock order: unconditional first)."""
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor,
+                 requests: Sequence[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        def rows_of(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            return tensor if rows is None else tensor[rows]
+
+        names = [name for name, _ in requests]
+        parts = [(self._condition(name), rows) for name, rows in requests]
+        xs = [rows_of(x, rows) for _, rows in parts]
+        x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
+        hidden = torch.cat([rows_of(c["encoder_hidden_states"], rows) for c, rows in parts])
+        pooled = torch.cat([rows_of(c["pooled_projections"], rows) for c, rows in parts])
+        out = self.unet(hidden_states=x_in, timestep=timestep.expand(x_in.shape[0]), encoder_hidden_states=hidden,
+                        pooled_projections=pooled, joint_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False)[0]
+        if len(parts) == 1:
+            return {names[0]: out}
+        if all(rows is None for _, rows in parts):
+            return dict(zip(names, out.chunk(len(parts))))
+        return dict(zip(names, out.split([len(part) for part in xs])))
+
+
+class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):
+    """Stable Diffusion 3 text-to-image with any guidance method of the engine (flow models: CFG++,
+    APG, CFG-Zero* and the rest work on the same x0/eps predictions)."""
+
+    default_guidance_scale = 7.0
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
+        max_sequence_length: int = 256,
+        mu: float | None = None,
+        guidance: GuidanceSpec = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        particle_output: str = "best",
+        **kwargs: Any,
+    ) -> GuidedPipelineOutput | tuple:
+        """Generate images. Arguments are the stock SD3 pipeline's (IP-Adapter and skip-layer
+        guidance excepted) plus ``guidance``, ``sampler``, ``eta`` and ``particle_output`` as in
+        :meth:`GuidedStableDiffusionPipeline.__call__`; the default CFG scale is 7.0."""
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise ValueError(f"GuidedStableDiffusion3Pipeline: unsupported argument(s) {unsupported} "
+                             "(IP-Adapter and skip-layer guidance are not supported here)")
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        self.check_particle_output(particle_output)
+        guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale), negative_prompt, negative_prompt_embeds)
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+        lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None
+        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+         negative_pooled_prompt_embeds) = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=True, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device, clip_skip=clip_skip,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale)
+        branches = TransformerBranches(self.transformer, {
+            "cond": {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds},
+            "uncond": {"encoder_hidden_states": negative_prompt_embeds,
+                       "pooled_projections": negative_pooled_prompt_embeds},
+        }, joint_attention_kwargs)
+
+        shape = (batch_size * num_images_per_prompt, self.transformer.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shift: dict[str, Any] = {}
+        if mu is not None:
+            shift["mu"] = mu
+        elif self.scheduler.config.get("use_dynamic_shifting", None):
+            patch = self.transformer.config.patch_size
+            config = self.scheduler.config
+            shift["mu"] = calculate_shift((shape[2] // patch) * (shape[3] // patch),
+                                          config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                          config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        latents, nfe_per_image, state = self.denoise(
+            branches, guide, shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
+            particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
+            timesteps=None, sigmas=sigmas, eta=eta, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
+                              "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+                              "pooled_prompt_embeds": ("cond", "pooled_projections"),
+                              "negative_pooled_prompt_embeds": ("uncond", "pooled_projections")},
+            set_timesteps_kwargs=shift)
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return GuidedPipelineOutput(images=image, nfe=sum(nfe_per_image) / len(nfe_per_image),
+                                    nfe_per_image=nfe_per_image, guidance_state=state, guidance=guide.to_dict(),
+                                    sampler=sampler or "auto")
