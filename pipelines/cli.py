@@ -29,6 +29,7 @@ from guidance_engine.registry import method_class, method_names, resolve_guidanc
 from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
 
 from .batch import add_batch_parser  # noqa: E402
+from .demo_cli import add_demo_parser  # noqa: E402
 
 
 def _number_or_text(text: str) -> Any:
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=cmd_calibrate_linear_ag)
 
     add_batch_parser(sub)
+    add_demo_parser(sub)
 
     ev = sub.add_parser("eval", help="metrics table (alignment, fidelity, saturation, ...) for methods")
     ev.add_argument("--methods", default="cfg,cfgpp,apg", help="e.g. 'cfg,apg:scale=10,cfgpp:scale=0.6'")
