@@ -113,23 +113,35 @@ class UNetBranches:
         parts = [(self._condition(name), rows) for name, rows in requests]
         xs = [rows_of(x, rows) for _, rows in parts]
         x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
-        hidden = torch.cat([rows_of(c["encoder_hidden_states"], rows) for c, rows in parts])
-        added = None
-        if all(key in parts[0][0] for key in self._ADDED):
-            added = {key: torch.cat([rows_of(c[key], rows) for c, rows in parts]) for key in self._ADDED}
-        spans, start = [], 0
+
+        def stacked(key: str) -> torch.Tensor | None:
+            """Conditioning ``key`` of every branch's rows, in forward order (None if absent)."""
+            if key not in parts[0][0]:
+                return None
+            return torch.cat([rows_of(c[key], rows) for c, rows in parts])
+
+        spans, start = [], 0  # rows whose time embedding a Branch perturbs (TSG)
         for (name, _), part in zip(requests, xs):
             if getattr(name, "time_noise", 0.0) > 0:
                 spans.append((start, start + len(part), name))
             start += len(part)
-        with perturbed_time_embedding(self.unet, spans):
-            out = self.unet(x_in, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added,
-                            cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+        out = self.forward(x_in, timestep, stacked, spans)
         if len(parts) == 1:
             return {names[0]: out}
         if all(rows is None for _, rows in parts):
             return dict(zip(names, out.chunk(len(parts))))  # the stock pipelines' split, bit for bit
         return dict(zip(names, out.split([len(part) for part in xs])))
+
+    def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
+                spans: list[tuple[int, int, Any]]) -> torch.Tensor:
+        """One network call on the assembled rows (the UNet's signature; subclasses adapt)."""
+        added = {key: stacked(key) for key in self._ADDED}  # SDXL's text embeddings and time ids
+        if any(value is None for value in added.values()):
+            added = None
+        with perturbed_time_embedding(self.unet, spans):
+            return self.unet(x_in, timestep, encoder_hidden_states=stacked("encoder_hidden_states"),
+                             added_cond_kwargs=added, cross_attention_kwargs=self.cross_attention_kwargs,
+                             return_dict=False)[0]
 
 
 class GuidedPipelineMixin:

@@ -4,7 +4,7 @@ the flow schedule, input checks and decoding are the stock pipeline's; the loop 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -17,25 +17,14 @@ class TransformerBranches(UNetBranches):
     """The branch model over an SD3 transformer: one forward, rows of each branch with that
     branch's text embeddings and pooled projections (stock order: unconditional first)."""
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor,
-                 requests: Sequence[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
-        def rows_of(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-            return tensor if rows is None else tensor[rows]
-
-        names = [name for name, _ in requests]
-        parts = [(self._condition(name), rows) for name, rows in requests]
-        xs = [rows_of(x, rows) for _, rows in parts]
-        x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
-        hidden = torch.cat([rows_of(c["encoder_hidden_states"], rows) for c, rows in parts])
-        pooled = torch.cat([rows_of(c["pooled_projections"], rows) for c, rows in parts])
-        out = self.unet(hidden_states=x_in, timestep=timestep.expand(x_in.shape[0]), encoder_hidden_states=hidden,
-                        pooled_projections=pooled, joint_attention_kwargs=self.cross_attention_kwargs,
-                        return_dict=False)[0]
-        if len(parts) == 1:
-            return {names[0]: out}
-        if all(rows is None for _, rows in parts):
-            return dict(zip(names, out.chunk(len(parts))))
-        return dict(zip(names, out.split([len(part) for part in xs])))
+    def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
+                spans: list[tuple[int, int, Any]]) -> torch.Tensor:
+        if spans:
+            raise ValueError("guidance: time-embedding perturbation (tsg) is not available for SD3 transformers")
+        return self.unet(hidden_states=x_in, timestep=timestep.expand(x_in.shape[0]),
+                         encoder_hidden_states=stacked("encoder_hidden_states"),
+                         pooled_projections=stacked("pooled_projections"),
+                         joint_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
 
 
 class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):
