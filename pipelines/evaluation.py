@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import shapes
+from .models import default_model_path, load_pipeline
 
 __all__ = [
     "AttributeClassifier", "DEFAULT_PROMPTS", "classifier_path", "compare_grid", "default_model_path",
@@ -73,11 +74,6 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a green circle on a yellow background",
     "two red triangles on a black background",
 )
-
-
-def default_model_path() -> Path:
-    """Folder of the shipped default model (a diffusers Stable Diffusion folder)."""
-    return Path(__file__).resolve().parent / "default_model"
 
 
 def classifier_path(kind: str = "eval") -> Path:
@@ -459,9 +455,7 @@ def compare_grid(pipe, prompt: str, methods: Sequence[dict[str, Any]], seeds: Se
 
 
 def _load_default_pipe():
-    from .stable_diffusion import GuidedStableDiffusionPipeline
-
-    pipe = GuidedStableDiffusionPipeline.from_pretrained(str(default_model_path()), dtype=torch.float32)
+    pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,26 +12,11 @@ _SHIPPED = Path(__file__).resolve().parent / "default_model"
 
 
 def default_model_path() -> Path:
-    """The shipped default model's directory (diffusers format).
-
-    While no trained model ships in the package, a tiny random-weight model is built once in code
-    and saved under ``$GUIDANCE_ENGINE_CACHE`` (default ``~/.cache/guidance_engine``), so that the
-    real ``from_pretrained`` path runs either way.
-    """
-    if (_SHIPPED / "model_index.json").is_file():
-        return _SHIPPED
-    cache = Path(os.environ.get("GUIDANCE_ENGINE_CACHE", Path.home() / ".cache" / "guidance_engine"))
-    target = cache / "tiny-sd-random"
-    if not (target / "model_index.json").is_file():
-        from .tiny_models import save_tiny_sd
-
-        partial = cache / f"tiny-sd-random.partial-{os.getpid()}"
-        save_tiny_sd(partial)
-        try:
-            partial.replace(target)  # complete or absent: never a half-written model
-        except OSError:  # another process finished first
-            shutil.rmtree(partial, ignore_errors=True)
-    return target
+    """The shipped default model's directory (diffusers format, trained by ``train_default``)."""
+    if not (_SHIPPED / "model_index.json").is_file():
+        raise FileNotFoundError(f"the default model is missing from the installation ({_SHIPPED}); "
+                                "reinstall guidance-engine or pass --model")
+    return _SHIPPED
 
 
 def pipeline_class_for(model: str | os.PathLike):
