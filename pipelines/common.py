@@ -278,8 +278,3 @@ class GuidedPipelineMixin:
         from guidance_engine.methods.fkc import best_particles
         return best_particles(result.x, result.state), per_image
 
-    def check_callback_inputs(self, names: Sequence[str]) -> None:
-        allowed = list(self._callback_tensor_inputs)
-        bad = [n for n in names if n not in allowed]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: accepted names are {allowed}, got {bad}")
