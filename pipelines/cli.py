@@ -81,6 +81,27 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
 
 
+#: ``--model`` shorthand for the shipped class-conditional model (a folder of that name wins).
+DIT_SHORTHAND = "dit"
+
+
+def model_path(model: str | None) -> str | Path | None:
+    """``--model`` as a path: None is the default text-to-image model, ``dit`` the shipped
+    class-conditional one (unless a folder named ``dit`` exists), anything else as given."""
+    if model == DIT_SHORTHAND and not Path(model).exists():
+        from .models import default_dit_model_path
+
+        return default_dit_model_path()
+    return model
+
+
+def is_class_conditional(model: str | Path | None) -> bool:
+    """Whether ``model`` (a path, or None for the default) is a class-conditional (DiT) checkpoint."""
+    from .models import pipeline_class_for
+
+    return model is not None and Path(model).is_dir() and pipeline_class_for(model).__name__ == "GuidedDiTPipeline"
+
+
 def _load(model: str | None, device: str, dtype: str = "float32"):
     """The pipeline, without diffusers' loading bars (the sampling bar stays)."""
     from diffusers.utils import logging as diffusers_logging
@@ -88,7 +109,12 @@ def _load(model: str | None, device: str, dtype: str = "float32"):
     from .models import load_pipeline
 
     diffusers_logging.disable_progress_bar()
-    return load_pipeline(model, device=device, dtype=dtype)
+    return load_pipeline(model_path(model), device=device, dtype=dtype)
+
+
+def class_label_argument(text: str) -> int | str:
+    """A class label given on the command line: a number is a class id, anything else a name."""
+    return int(text) if text.strip().isdigit() else text.strip()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -102,6 +128,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: must be an integer >= 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images: must be an integer >= 1, got {args.num_images}")
+    class_conditional = is_class_conditional(model_path(args.model))
+    if class_conditional:  # the prompt is a class: text-only options make no sense there
+        for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
+                            ("--width", args.width)):
+            if value is not None:
+                raise ValueError(f"{flag}: a class-conditional model generates at its own size from a class label "
+                                 f"and takes no {flag}; got {value!r}")
     pipe = _load(args.model, args.device, args.dtype)
     if args.attention != "sdpa":
         in_effect = pipe.set_attention(args.attention)
@@ -109,9 +142,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"attention: {args.attention} is not available here, using {in_effect}", file=sys.stderr)
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     start = time.perf_counter()
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-               num_inference_steps=args.steps, guidance=guidance, sampler=args.sampler, generator=generators,
-               height=args.height, width=args.width, eta=args.eta)
+    if class_conditional:
+        label = pipe.class_ids(class_label_argument(args.prompt))  # checked before any model call
+        out = pipe(label * args.num_images, num_inference_steps=args.steps, guidance=guidance,
+                   sampler=args.sampler, generator=generators, eta=args.eta)
+    else:
+        out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+                   num_inference_steps=args.steps, guidance=guidance, sampler=args.sampler, generator=generators,
+                   height=args.height, width=args.width, eta=args.eta)
     seconds = time.perf_counter() - start
     paths = output_paths(Path(args.output), args.num_images)
     for i, (image, path) in enumerate(zip(out.images, paths)):
@@ -204,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guidance-engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="generate images from a prompt (or a class, for a class-conditional model)")
+    gen.add_argument("prompt", help="the prompt; for a class-conditional (DiT) model a class name or id, "
+                     "e.g. 'red circle' or 0")
     gen.add_argument("-n", "--negative-prompt", default=None)
     gen.add_argument("--method", default="cfg", help=f"guidance method: {', '.join(method_names())}")
     gen.add_argument("--scale", type=float, default=None, help="the method's scale (default: its paper's)")
@@ -219,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
+    gen.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model; "
+                     f"'{DIT_SHORTHAND}': the shipped class-conditional model)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     gen.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "triton"),
@@ -260,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", type=int, default=4)
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--steps", type=int, default=20)
-    cmp.add_argument("--model", default=None)
+    cmp.add_argument("--model", default=None, help=f"as for generate ('{DIT_SHORTHAND}': the class-conditional model; "
+                     "the prompt is then a class name)")
     cmp.add_argument("--device", default="cpu")
     cmp.add_argument("-o", "--output", default="compare.png")
     cmp.set_defaults(func=cmd_compare)

@@ -60,3 +60,39 @@ def test_eval_and_compare_commands(tmp_path, capsys) -> None:
     assert Image.open(out).size[0] > 64
     assert main(["eval", "--methods", "cfg:scale=-3"]) == 2
     assert "parameter 'scale' must be [0, 100], got -3" in capsys.readouterr().err
+
+
+def test_generate_class_conditional_model_takes_class_names_and_ids(tmp_path, capsys) -> None:
+    """``--model dit`` is the shipped class-conditional model; the prompt is a class name or id,
+    and the written image is the pipeline's own for that class and seed."""
+    import numpy as np
+    import torch
+
+    from guidance_engine.pipelines import GuidedDiTPipeline
+    from guidance_engine.pipelines.models import default_dit_model_path
+
+    out = tmp_path / "dit.png"
+    args = ["--model", "dit", "--method", "gfcg", "--param", "cfg_scale=3", "--steps", "4", "--seed", "5"]
+    assert main(["generate", "blue square", *args, "--num-images", "2", "-o", str(out)]) == 0
+    assert "11 network evaluations per image" in capsys.readouterr().out  # 2 + 3 x 3
+    pipe = GuidedDiTPipeline.from_pretrained(default_dit_model_path())
+    expected = pipe(["blue square"] * 2, guidance={"name": "gfcg", "cfg_scale": 3}, num_inference_steps=4,
+                    generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
+    for i in range(2):
+        written = Image.open(tmp_path / f"dit-{i}.png")
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(expected[i]))
+        assert json.loads(written.text["guidance-engine"])["prompt"] == "blue square"
+    assert main(["generate", "6", *args, "-o", str(tmp_path / "six.png")]) == 0  # id 6 is "blue square"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "six.png").convert("RGB")),
+                          np.asarray(Image.open(tmp_path / "dit-0.png").convert("RGB")))
+
+
+def test_generate_class_conditional_refuses_text_options(tmp_path, capsys) -> None:
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "purple circle", "--model", "dit", "-o", out]) == 2
+    assert "class_labels: unknown class name 'purple circle'" in capsys.readouterr().err
+    assert main(["generate", "12", "--model", "dit", "-o", out]) == 2
+    assert "class_labels: must be integers in [0, 12) or class names, got 12" in capsys.readouterr().err
+    assert main(["generate", "red circle", "--model", "dit", "--negative-prompt", "blue", "-o", out]) == 2
+    assert "--negative-prompt: a class-conditional model" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
