@@ -107,6 +107,8 @@ class Generator:
     def __init__(self, pipe, device: str = "cpu"):
         self.pipe = pipe
         self.device = device
+        #: a class-conditional (DiT) pipeline: the prompt is a class name or id, no negative prompt
+        self.class_conditional = hasattr(pipe, "class_ids")
         # the pipeline keeps per-call state (guidance hooks, progress bar): one call at a time; the
         # queue's concurrency limit bounds how many requests wait here.
         self.lock = threading.Lock()
@@ -115,6 +117,10 @@ class Generator:
                  scales: dict[str, float]) -> list[tuple[str, Any]]:
         if not prompt or not str(prompt).strip():
             raise ValueError("prompt: please enter a prompt")
+        if self.class_conditional:
+            from .cli import class_label_argument
+
+            self.pipe.class_ids(class_label_argument(str(prompt)))  # ValueError naming the known classes
         if not methods:
             raise ValueError("methods: select at least one method")
         try:
@@ -148,17 +154,24 @@ class Generator:
         negative_prompt = str(negative_prompt).strip() if negative_prompt else None
         try:
             guidances = self.validate(prompt, methods or [], steps, seed, scales)
+            if self.class_conditional and negative_prompt:
+                raise ValueError(f"negative prompt: a class-conditional model takes none, got {negative_prompt!r}")
         except ValueError as error:
             return self._fail(str(error))
+        if self.class_conditional:
+            from .cli import class_label_argument
+
+            inputs, options = [class_label_argument(str(prompt))], {}
+        else:
+            inputs, options = str(prompt), {"negative_prompt": negative_prompt}
         gallery, stats = [], []
         try:
             for name, guidance in guidances:
                 generator = torch.Generator(device=self.device).manual_seed(int(seed))
                 with self.lock:
                     start = time.perf_counter()
-                    out = self.pipe(str(prompt), num_inference_steps=int(steps), guidance=guidance,
-                                    generator=generator, sampler=SAMPLER_FOR.get(name),
-                                    negative_prompt=negative_prompt)
+                    out = self.pipe(inputs, num_inference_steps=int(steps), guidance=guidance,
+                                    generator=generator, sampler=SAMPLER_FOR.get(name), **options)
                     seconds = time.perf_counter() - start
                 image = out.images[0]
                 saturation = image_stats(np.asarray(image.convert("RGB"))[None])["saturation"]
@@ -242,10 +255,15 @@ def build_demo(pipe=None, model: str | None = None, device: str = "cpu"):
                     "Under each image: network evaluations (NFEs), wall time and mean saturation.")
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="prompt", value="a red circle on a blue background",
-                                    elem_id="prompt")
+                if generate.class_conditional:
+                    first = pipe.class_name(0)
+                    prompt = gr.Textbox(label=f"class (a name or an id of this class-conditional model, e.g. {first})",
+                                        value=first, elem_id="prompt")
+                else:
+                    prompt = gr.Textbox(label="prompt", value="a red circle on a blue background",
+                                        elem_id="prompt")
                 negative = gr.Textbox(label="negative prompt (optional; Perp-Neg needs one)", value="",
-                                      elem_id="negative-prompt")
+                                      elem_id="negative-prompt", visible=not generate.class_conditional)
                 methods = gr.CheckboxGroup(choices=METHODS, value=list(DEFAULT_METHODS), label="methods",
                                            elem_id="methods")
                 with gr.Row():

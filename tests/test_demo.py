@@ -188,3 +188,34 @@ def test_browser(server, tmp_path):
         assert (artifacts / "demo.png").stat().st_size > 0
     finally:
         driver.quit()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:gradio.helpers")  # gr.Warning outside a request
+def test_class_conditional_model_in_the_demo():
+    """With the class-conditional default model the prompt is a class name or id (GFCG runs with
+    its guide classifier), the negative prompt is refused, an unknown class names the known ones."""
+    import numpy as np
+    import torch
+
+    from guidance_engine.pipelines import GuidedDiTPipeline
+    from guidance_engine.pipelines.models import default_dit_model_path
+
+    pipe = GuidedDiTPipeline.from_pretrained(default_dit_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    generate = demo_app.Generator(pipe)
+    gallery, stats, message = generate("blue square", ["cfg", "gfcg"], STEPS, 3)
+    assert [row["method"] for row in stats] == ["cfg", "gfcg"] and "Error" not in message
+    assert [row["nfe"] for row in stats] == [2 * STEPS, 2 * STEPS]
+    expected = pipe(["blue square"], guidance="gfcg", num_inference_steps=STEPS,
+                    generator=torch.Generator().manual_seed(3)).images[0]
+    shown = gallery[1][0].resize(expected.size, resample=0)  # the nearest-neighbour upscale undone
+    assert np.array_equal(np.asarray(shown), np.asarray(expected))
+    assert generate("6", ["cfg"], STEPS, 3)[1][0]["nfe"] == 2 * STEPS  # id 6 = blue square
+    _, _, message = generate("purple circle", ["cfg"], STEPS, 3)
+    assert "class_labels: unknown class name 'purple circle'" in message
+    _, _, message = generate("red circle", ["cfg"], STEPS, 3, negative_prompt="blue")
+    assert "negative prompt: a class-conditional model takes none" in message
+    demo = demo_app.build_demo(pipe=pipe)  # the page asks for a class and hides the negative prompt
+    boxes = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert boxes["prompt"].value == "red circle" and boxes["prompt"].label.startswith("class")
+    assert boxes["negative-prompt"].visible is False
