@@ -109,7 +109,10 @@ class AttributeClassifier(nn.Module):
     def prepare(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 NHWC (array or tensor) -> float NCHW in [-1, 1]; float tensors pass through."""
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            images = np.ascontiguousarray(images)
+            if not images.flags.writeable:  # e.g. np.asarray(a PIL image): torch warns on read-only memory
+                images = images.copy()
+            images = torch.from_numpy(images)
         if images.dtype == torch.uint8:
             images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return images
