@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 from guidance_engine.registry import method_names, resolve_guidance
 from guidance_engine.samplers import SAMPLER_NAMES
 
+from .models import check_class_label, checkpoint_classes, is_class_conditional, refuse_text_options
+
 MANIFEST = "manifest.jsonl"
 SHARD_PREFIX = "manifest-"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -343,6 +345,13 @@ def run_batch(prompts: str | os.PathLike, out: str | os.PathLike, *, method: str
         raise ValueError(f"--model: no such directory {str(model)!r}")
     resolve_guidance(method, **params)  # the command's own method and parameters, named as such
     specs = read_prompts(prompts, method, params, negative_prompt)
+    if is_class_conditional(model):  # prompts are class names or ids: text-only options are refused
+        refuse_text_options(**{"--negative-prompt": negative_prompt, "--height": height, "--width": width})
+        num_classes, names = checkpoint_classes(model)
+        for spec in specs:
+            where = f"prompts: {prompts}:{spec.line}"
+            check_class_label(spec.prompt, num_classes, names, where)
+            refuse_text_options(**{f"{where}: negative_prompt": spec.negative_prompt})
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {str(out)!r} exists and is not a directory")
@@ -382,7 +391,7 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
     from tqdm.auto import tqdm
 
     from .cli import atomic_save_png
-    from .models import load_pipeline
+    from .models import generate_from_prompts, load_pipeline
 
     diffusers_logging.disable_progress_bar()
     pipe = load_pipeline(_model_arg(common["model"]), device=device, dtype=common["dtype"])
@@ -399,11 +408,12 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
             seeds = [s for u in batch for s in u.seeds]
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             start = time.perf_counter()
-            result = pipe(prompts, negative_prompt=None if first.spec.negative_prompt is None else negatives,
-                          guidance=resolve_guidance(first.guidance), sampler=common["sampler"] if
-                          common["sampler"] != "auto" else None, num_inference_steps=common["steps"],
-                          generator=generators, height=common["height"], width=common["width"], eta=common["eta"],
-                          output_type="pil")
+            result = generate_from_prompts(
+                pipe, prompts, negative_prompt=None if first.spec.negative_prompt is None else negatives,
+                guidance=resolve_guidance(first.guidance), sampler=common["sampler"] if
+                common["sampler"] != "auto" else None, num_inference_steps=common["steps"],
+                generator=generators, height=common["height"], width=common["width"], eta=common["eta"],
+                output_type="pil")
             seconds = (time.perf_counter() - start) / len(prompts)
             row = 0
             for unit in batch:
@@ -439,13 +449,13 @@ def rebuild_from_manifest(line: str | dict[str, Any], model=None, device: str = 
     """
     import torch
 
+    from .models import generate_from_prompts, load_pipeline
+
     entry = json.loads(line) if isinstance(line, str) else dict(line)
     missing = [key for key in ("prompt", "guidance", "steps", "seed") if key not in entry]
     if missing:
         raise ValueError(f"line: not a batch manifest line, missing {', '.join(missing)}")
     if model is None or isinstance(model, (str, os.PathLike)):
-        from .models import load_pipeline
-
         label = str(model) if model is not None else entry.get("model", "default")
         pipe = load_pipeline(_model_arg(label), device=device, dtype=entry.get("dtype", "float32"))
     else:
@@ -455,10 +465,11 @@ def rebuild_from_manifest(line: str | dict[str, Any], model=None, device: str = 
     row = entry["group_images"].index(entry["image_index"]) if entry.get("group_seeds") else 0
     negative = entry.get("negative_prompt")
     sampler = entry.get("sampler", "auto")
-    result = pipe([entry["prompt"]] * len(seeds), negative_prompt=None if negative is None else [negative] * len(seeds),
-                  guidance=resolve_guidance(entry["guidance"]), sampler=None if sampler == "auto" else sampler,
-                  num_inference_steps=entry["steps"], generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                  height=entry.get("height"), width=entry.get("width"), eta=entry.get("eta"), output_type="pil")
+    result = generate_from_prompts(
+        pipe, [entry["prompt"]] * len(seeds), negative_prompt=None if negative is None else [negative] * len(seeds),
+        guidance=resolve_guidance(entry["guidance"]), sampler=None if sampler == "auto" else sampler,
+        num_inference_steps=entry["steps"], generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        height=entry.get("height"), width=entry.get("width"), eta=entry.get("eta"), output_type="pil")
     return result.images[row]
 
 

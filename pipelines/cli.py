@@ -33,6 +33,7 @@ from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
 from .batch import add_batch_parser  # noqa: E402
 from .cli_image import add_image_parsers  # noqa: E402
 from .demo_cli import add_demo_parser  # noqa: E402
+from .models import DIT_SHORTHAND, generate_from_prompts, is_class_conditional, refuse_text_options  # noqa: E402
 
 
 def _number_or_text(text: str) -> Any:
@@ -81,27 +82,6 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
 
 
-#: ``--model`` shorthand for the shipped class-conditional model (a folder of that name wins).
-DIT_SHORTHAND = "dit"
-
-
-def model_path(model: str | None) -> str | Path | None:
-    """``--model`` as a path: None is the default text-to-image model, ``dit`` the shipped
-    class-conditional one (unless a folder named ``dit`` exists), anything else as given."""
-    if model == DIT_SHORTHAND and not Path(model).exists():
-        from .models import default_dit_model_path
-
-        return default_dit_model_path()
-    return model
-
-
-def is_class_conditional(model: str | Path | None) -> bool:
-    """Whether ``model`` (a path, or None for the default) is a class-conditional (DiT) checkpoint."""
-    from .models import pipeline_class_for
-
-    return model is not None and Path(model).is_dir() and pipeline_class_for(model).__name__ == "GuidedDiTPipeline"
-
-
 def _load(model: str | None, device: str, dtype: str = "float32"):
     """The pipeline, without diffusers' loading bars (the sampling bar stays)."""
     from diffusers.utils import logging as diffusers_logging
@@ -109,12 +89,7 @@ def _load(model: str | None, device: str, dtype: str = "float32"):
     from .models import load_pipeline
 
     diffusers_logging.disable_progress_bar()
-    return load_pipeline(model_path(model), device=device, dtype=dtype)
-
-
-def class_label_argument(text: str) -> int | str:
-    """A class label given on the command line: a number is a class id, anything else a name."""
-    return int(text) if text.strip().isdigit() else text.strip()
+    return load_pipeline(model, device=device, dtype=dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -128,13 +103,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: must be an integer >= 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images: must be an integer >= 1, got {args.num_images}")
-    class_conditional = is_class_conditional(model_path(args.model))
-    if class_conditional:  # the prompt is a class: text-only options make no sense there
-        for flag, value in (("--negative-prompt", args.negative_prompt), ("--height", args.height),
-                            ("--width", args.width)):
-            if value is not None:
-                raise ValueError(f"{flag}: a class-conditional model generates at its own size from a class label "
-                                 f"and takes no {flag}; got {value!r}")
+    if is_class_conditional(args.model):  # the prompt is a class: refuse text-only options before loading
+        refuse_text_options(**{"--negative-prompt": args.negative_prompt, "--height": args.height,
+                                "--width": args.width})
     pipe = _load(args.model, args.device, args.dtype)
     if args.attention != "sdpa":
         in_effect = pipe.set_attention(args.attention)
@@ -142,14 +113,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"attention: {args.attention} is not available here, using {in_effect}", file=sys.stderr)
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     start = time.perf_counter()
-    if class_conditional:
-        label = pipe.class_ids(class_label_argument(args.prompt))  # checked before any model call
-        out = pipe(label * args.num_images, num_inference_steps=args.steps, guidance=guidance,
-                   sampler=args.sampler, generator=generators, eta=args.eta)
-    else:
-        out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                   num_inference_steps=args.steps, guidance=guidance, sampler=args.sampler, generator=generators,
-                   height=args.height, width=args.width, eta=args.eta)
+    out = generate_from_prompts(pipe, [args.prompt] * args.num_images, negative_prompt=args.negative_prompt,
+                                height=args.height, width=args.width, num_inference_steps=args.steps,
+                                guidance=guidance, sampler=args.sampler, generator=generators, eta=args.eta)
     seconds = time.perf_counter() - start
     paths = output_paths(Path(args.output), args.num_images)
     for i, (image, path) in enumerate(zip(out.images, paths)):

@@ -118,9 +118,9 @@ class Generator:
         if not prompt or not str(prompt).strip():
             raise ValueError("prompt: please enter a prompt")
         if self.class_conditional:
-            from .cli import class_label_argument
+            from .models import class_label
 
-            self.pipe.class_ids(class_label_argument(str(prompt)))  # ValueError naming the known classes
+            self.pipe.class_ids(class_label(str(prompt)))  # ValueError naming the known classes
         if not methods:
             raise ValueError("methods: select at least one method")
         try:
@@ -149,29 +149,25 @@ class Generator:
         from PIL import Image
 
         from .evaluation import image_stats
+        from .models import generate_from_prompts, refuse_text_options
 
         scales = dict(zip(METHODS, scale_values))
         negative_prompt = str(negative_prompt).strip() if negative_prompt else None
         try:
             guidances = self.validate(prompt, methods or [], steps, seed, scales)
-            if self.class_conditional and negative_prompt:
-                raise ValueError(f"negative prompt: a class-conditional model takes none, got {negative_prompt!r}")
+            if self.class_conditional:
+                refuse_text_options(**{"negative prompt": negative_prompt})
         except ValueError as error:
             return self._fail(str(error))
-        if self.class_conditional:
-            from .cli import class_label_argument
-
-            inputs, options = [class_label_argument(str(prompt))], {}
-        else:
-            inputs, options = str(prompt), {"negative_prompt": negative_prompt}
         gallery, stats = [], []
         try:
             for name, guidance in guidances:
                 generator = torch.Generator(device=self.device).manual_seed(int(seed))
                 with self.lock:
                     start = time.perf_counter()
-                    out = self.pipe(inputs, num_inference_steps=int(steps), guidance=guidance,
-                                    generator=generator, sampler=SAMPLER_FOR.get(name), **options)
+                    out = generate_from_prompts(self.pipe, str(prompt), negative_prompt=negative_prompt,
+                                                num_inference_steps=int(steps), guidance=guidance,
+                                                generator=generator, sampler=SAMPLER_FOR.get(name))
                     seconds = time.perf_counter() - start
                 image = out.images[0]
                 saturation = image_stats(np.asarray(image.convert("RGB"))[None])["saturation"]

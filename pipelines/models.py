@@ -43,12 +43,78 @@ def pipeline_class_for(model: str | os.PathLike):
     return GuidedStableDiffusionXLPipeline if "XL" in name else GuidedStableDiffusionPipeline
 
 
+#: ``model`` shorthand for the shipped class-conditional model (a folder of that name wins).
+DIT_SHORTHAND = "dit"
+
+
+def resolve_model(model: str | os.PathLike | None) -> str | os.PathLike:
+    """The checkpoint ``model`` names: None is the default text-to-image model, ``"dit"`` the
+    shipped class-conditional one (unless a folder named ``dit`` exists), anything else as given."""
+    if model is None:
+        return default_model_path()
+    if str(model) == DIT_SHORTHAND and not Path(model).exists():
+        return default_dit_model_path()
+    return model
+
+
+def is_class_conditional(model: str | os.PathLike | None) -> bool:
+    """Whether ``model`` (as :func:`resolve_model` reads it) is a local class-conditional (DiT) checkpoint."""
+    path = Path(resolve_model(model))
+    return path.is_dir() and pipeline_class_for(path).__name__ == "GuidedDiTPipeline"
+
+
+def class_label(text: str) -> int | str:
+    """A class label given as text (command line, demo, batch file): digits are a class id,
+    anything else a class name."""
+    return int(text) if text.strip().isdigit() else text.strip()
+
+
+def checkpoint_classes(model: str | os.PathLike) -> tuple[int, dict[str, int]]:
+    """A local class-conditional checkpoint's class count and class names (from its config files,
+    without loading weights), to check class labels before any model loads."""
+    path = Path(resolve_model(model))
+    names = json.loads((path / "model_index.json").read_text()).get("id2label") or {}
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    return int(config["num_embeds_ada_norm"]), {name: int(k) for k, name in names.items()}
+
+
+def check_class_label(text: str, num_classes: int, names: dict[str, int], where: str) -> None:
+    """ValueError naming ``where`` unless ``text`` is a class id in [0, num_classes) or a known name."""
+    label = class_label(text)
+    if isinstance(label, str) and label not in names:
+        raise ValueError(f"{where}: unknown class name {label!r}; known: {sorted(names)}")
+    if isinstance(label, int) and not 0 <= label < num_classes:
+        raise ValueError(f"{where}: class ids must be in [0, {num_classes}), got {label}")
+
+
+def refuse_text_options(**options) -> None:
+    """ValueError for the first text-only option (given by its display name) that is set: a
+    class-conditional model generates at its own size from class labels."""
+    for name, value in options.items():
+        if value is not None:
+            raise ValueError(f"{name}: a class-conditional model generates at its own size from a class label and "
+                             f"takes no {name}; got {value!r}")
+
+
+def generate_from_prompts(pipe, prompts: str | list[str], negative_prompt=None, height: int | None = None,
+                          width: int | None = None, **kwargs):
+    """``pipe(prompts, ...)`` for a text-to-image pipeline; for a class-conditional one each prompt is
+    a class name or id (:func:`class_label`) and the text-only options must be unset. ``kwargs``
+    (guidance, generator, steps, ...) pass through."""
+    if hasattr(pipe, "class_ids"):
+        refuse_text_options(negative_prompt=negative_prompt, height=height, width=width)
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return pipe(pipe.class_ids([class_label(p) for p in prompts]), **kwargs)
+    return pipe(prompts, negative_prompt=negative_prompt, height=height, width=width, **kwargs)
+
+
 def load_pipeline(model: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32"):
-    """A guided pipeline for ``model`` (a local directory or hub id; None = the default model)."""
+    """A guided pipeline for ``model`` (a local directory or hub id; None = the default model,
+    ``"dit"`` the shipped class-conditional one)."""
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype: must be one of {', '.join(dtypes)}, got {dtype!r}")
-    path = default_model_path() if model is None else model
+    path = resolve_model(model)
     if model is not None and not Path(model).exists() and os.sep in str(model):
         raise ValueError(f"model: no such directory {model!r}")
     cls = pipeline_class_for(path)

@@ -231,3 +231,47 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path, capsys, monkeypatch) -
     assert "cfgpp: parameter 'scale' must be [0, 1], got 3.0" in error(str(good), "--method", "cfgpp", "--scale", "3")
     assert "--per-prompt: fkc couples groups of 8 images" in error(str(good), "--method", "fkc")
     assert not out.exists()
+
+
+def test_class_conditional_batch_and_rebuild(tmp_path, capsys, monkeypatch) -> None:
+    """``--model dit``: each line is a class name or id; the images are the pipeline's own, the
+    manifest rebuilds them; bad classes and text-only options fail before the model loads."""
+    import torch
+
+    from guidance_engine.pipelines import GuidedDiTPipeline
+
+    prompts = tmp_path / "classes.txt"
+    prompts.write_text("blue square\n8\n")
+    out = tmp_path / "out"
+    common = ["batch", str(prompts), "--out", str(out), "--model", "dit", "--steps", "3", "--no-progress"]
+    assert main([*common, "--method", "gfcg", "--param", "cfg_scale=3", "--per-prompt", "2", "--batch-size", "4"]) == 0
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["prompt"] for e in lines] == ["blue square", "blue square", "8", "8"]
+    pipe = GuidedDiTPipeline.from_pretrained(models.default_dit_model_path())
+    expected = pipe(["blue square", "blue square", 8, 8], guidance={"name": "gfcg", "cfg_scale": 3},
+                    num_inference_steps=3, output_type="np",
+                    generator=[torch.Generator().manual_seed(e["seed"]) for e in lines]).images
+    for entry, image in zip(lines, expected):
+        assert entry["nfe"] == 2 + 3 * 2
+        assert np.abs(_pixels(out / entry["file"]) - np.round(image * 255)).max() <= 1  # batch of 4 vs 4
+    rebuilt = np.asarray(rebuild_from_manifest(lines[3], pipe).convert("RGB")).astype(np.int16)
+    assert np.abs(rebuilt - _pixels(out / lines[3]["file"])).max() <= 1
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(models, "load_pipeline", no_model)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("red circle\npurple circle\n")
+    assert main(["batch", str(bad), "--out", str(tmp_path / "o2"), "--model", "dit", "--no-progress"]) == 2
+    assert f"prompts: {bad}:2: unknown class name 'purple circle'" in capsys.readouterr().err
+    bad.write_text("12\n")
+    assert main(["batch", str(bad), "--out", str(tmp_path / "o2"), "--model", "dit", "--no-progress"]) == 2
+    assert f"prompts: {bad}:1: class ids must be in [0, 12), got 12" in capsys.readouterr().err
+    assert main([*common, "--height", "64"]) == 2
+    assert "--height: a class-conditional model" in capsys.readouterr().err
+    jsonl = tmp_path / "neg.jsonl"
+    jsonl.write_text('{"prompt": "red circle", "negative_prompt": "blue"}\n')
+    assert main(["batch", str(jsonl), "--out", str(tmp_path / "o2"), "--model", "dit", "--no-progress"]) == 2
+    assert f"prompts: {jsonl}:1: negative_prompt: a class-conditional model" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

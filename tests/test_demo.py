@@ -214,7 +214,7 @@ def test_class_conditional_model_in_the_demo():
     _, _, message = generate("purple circle", ["cfg"], STEPS, 3)
     assert "class_labels: unknown class name 'purple circle'" in message
     _, _, message = generate("red circle", ["cfg"], STEPS, 3, negative_prompt="blue")
-    assert "negative prompt: a class-conditional model takes none" in message
+    assert "negative prompt: a class-conditional model generates at its own size" in message
     demo = demo_app.build_demo(pipe=pipe)  # the page asks for a class and hides the negative prompt
     boxes = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert boxes["prompt"].value == "red circle" and boxes["prompt"].label.startswith("class")
