@@ -145,6 +145,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import DEFAULT_PROMPTS, evaluate, format_table, plot_metrics
 
     methods = parse_methods(args.methods)
+    if is_class_conditional(args.model):
+        raise ValueError(f"--model: eval scores text-to-image models on the evaluation prompts, {args.model!r} is "
+                         "class-conditional; measure it with benchmarks/gfcg.py (per-class accuracy, FD, paired "
+                         "comparisons at equal NFEs)")
     pipe = _load(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
     rows = evaluate(pipe, methods, prompts=DEFAULT_PROMPTS, seeds=range(args.seeds), steps=args.steps,

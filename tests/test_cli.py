@@ -95,4 +95,6 @@ def test_generate_class_conditional_refuses_text_options(tmp_path, capsys) -> No
     assert "class_labels: must be integers in [0, 12) or class names, got 12" in capsys.readouterr().err
     assert main(["generate", "red circle", "--model", "dit", "--negative-prompt", "blue", "-o", out]) == 2
     assert "--negative-prompt: a class-conditional model" in capsys.readouterr().err
+    assert main(["eval", "--model", "dit"]) == 2
+    assert "--model: eval scores text-to-image models" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
