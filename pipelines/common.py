@@ -350,11 +350,13 @@ class GuidedPipelineMixin:
         """Scaled latents of [-1, 1] images, as the stock SD img2img pipeline encodes its input."""
         return self.vae.config.scaling_factor * self.posterior_sample(pixels, generator)
 
-    def posterior_sample(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+    def posterior_sample(self, pixels: torch.Tensor, generator, mean: bool = False) -> torch.Tensor:
         """Unscaled VAE latents of [-1, 1] images, the posterior sampled with ``generator`` (one
-        generator per row when a list)."""
+        generator per row when a list), or its mean when ``mean``."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
+        if mean:
+            return retrieve_latents(self.vae.encode(pixels), sample_mode="argmax")
         if isinstance(generator, list):
             return torch.cat([retrieve_latents(self.vae.encode(pixels[i:i + 1]), generator=generator[i])
                               for i in range(pixels.shape[0])])

@@ -13,14 +13,16 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+from .inversion import InversionMixin
 from .stable_diffusion import negative_branch_prompt
 
 if TYPE_CHECKING:
     from .image_input import ImageInput
 
 
-class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipeline):
-    """Stable Diffusion XL text-to-image with any guidance method of the engine."""
+class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, StableDiffusionXLPipeline):
+    """Stable Diffusion XL text-to-image with any guidance method of the engine; ``invert`` /
+    ``regenerate`` as for SD."""
 
     default_guidance_scale = 5.0
 
@@ -106,46 +108,22 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
                                [negative_prompt_2] * batch_size if isinstance(negative_prompt_2, str) else
                                negative_prompt_2, negative_pooled_prompt_embeds)
             negative_prompt = negative_prompt_2 = negative_prompt_embeds = negative_pooled_prompt_embeds = None
-        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
-        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-         negative_pooled_prompt_embeds) = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=True, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+        rows = batch_size * num_images_per_prompt
+        branches = self._prompt_branches(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            lora_scale=lora_scale, clip_skip=clip_skip)
-
-        projection_dim = (int(pooled_prompt_embeds.shape[-1]) if self.text_encoder_2 is None
-                          else self.text_encoder_2.config.projection_dim)
-        time_ids = self._get_add_time_ids(original_size, crops_coords_top_left, target_size,
-                                          dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
-        negative_time_ids = time_ids
-        if negative_original_size is not None and negative_target_size is not None:
-            negative_time_ids = self._get_add_time_ids(
-                negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
-        rows = batch_size * num_images_per_prompt
-        branches = UNetBranches(self.unet, {
-            "cond": {"encoder_hidden_states": prompt_embeds.to(device), "text_embeds": pooled_prompt_embeds.to(device),
-                     "time_ids": time_ids.to(device).repeat(rows, 1)},
-            "uncond": {"encoder_hidden_states": negative_prompt_embeds.to(device),
-                       "text_embeds": negative_pooled_prompt_embeds.to(device),
-                       "time_ids": negative_time_ids.to(device).repeat(rows, 1)},
-        }, cross_attention_kwargs)
-        if negative_branch is not None:  # the user's negative prompt and micro-conditioning, "uncond" empty
-            texts, embeds, texts_2, pooled = negative_branch
-            negative, _, negative_pooled, _ = self.encode_prompt(
-                prompt=texts, prompt_2=texts_2, device=device, num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=False, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                lora_scale=lora_scale, clip_skip=clip_skip)
-            branches.conditions["negative"] = {"encoder_hidden_states": negative.to(device),
-                                               "text_embeds": negative_pooled.to(device),
-                                               "time_ids": negative_time_ids.to(device).repeat(rows, 1)}
+            negative_branch=negative_branch, device=device, rows=rows,
+            num_images_per_prompt=num_images_per_prompt, cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
+        dtype = branches.conditions["cond"]["encoder_hidden_states"].dtype
 
         channels = self.unet.config.in_channels if start is None else self.vae.config.latent_channels
         shape = (rows, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents, nfe_per_image, state = self.denoise(
-            branches, guide, shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
+            branches, guide, shape, dtype=dtype, device=device, generator=generator, latents=latents,
             start=start, particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
             timesteps=timesteps, sigmas=sigmas, eta=eta, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -166,23 +144,93 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         return GuidedPipelineOutput(images=image, nfe=mean_nfe, nfe_per_image=nfe_per_image,
                                     guidance_state=state, guidance=guide.to_dict(), sampler=sampler or "auto")
 
-    def posterior_sample(self, pixels: torch.Tensor, generator) -> torch.Tensor:
-        """The VAE posterior sample of the stock SDXL pipelines: a float32 VAE pass when the VAE
-        asks for it (``force_upcast``; it overflows in float16), back in the pixels' dtype."""
+    def _prompt_branches(self, *, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
+                         negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, negative_branch,
+                         device, rows, num_images_per_prompt, cross_attention_kwargs, clip_skip, original_size,
+                         crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
+                         negative_target_size) -> UNetBranches:
+        """The conditioned branches (``cond``, ``uncond``, Perp-Neg's ``negative``): both text
+        encoders' embeddings, pooled embeddings and micro-conditioning time ids, as the stock
+        pipeline encodes them."""
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+         negative_pooled_prompt_embeds) = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=True, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=clip_skip)
+
+        projection_dim = (int(pooled_prompt_embeds.shape[-1]) if self.text_encoder_2 is None
+                          else self.text_encoder_2.config.projection_dim)
+        time_ids = self._get_add_time_ids(original_size, crops_coords_top_left, target_size,
+                                          dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
+        negative_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_time_ids = self._get_add_time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
+        branches = UNetBranches(self.unet, {
+            "cond": {"encoder_hidden_states": prompt_embeds.to(device), "text_embeds": pooled_prompt_embeds.to(device),
+                     "time_ids": time_ids.to(device).repeat(rows, 1)},
+            "uncond": {"encoder_hidden_states": negative_prompt_embeds.to(device),
+                       "text_embeds": negative_pooled_prompt_embeds.to(device),
+                       "time_ids": negative_time_ids.to(device).repeat(rows, 1)},
+        }, cross_attention_kwargs)
+        if negative_branch is not None:  # the user's negative prompt and micro-conditioning, "uncond" empty
+            texts, embeds, texts_2, pooled = negative_branch
+            negative, _, negative_pooled, _ = self.encode_prompt(
+                prompt=texts, prompt_2=texts_2, device=device, num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=False, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                lora_scale=lora_scale, clip_skip=clip_skip)
+            branches.conditions["negative"] = {"encoder_hidden_states": negative.to(device),
+                                               "text_embeds": negative_pooled.to(device),
+                                               "time_ids": negative_time_ids.to(device).repeat(rows, 1)}
+        return branches
+
+    # -- inversion hooks (InversionMixin) -----------------------------------------------------------
+    def inversion_branches(self, prompts: list[str], negative_prompts: list[str] | None, size: tuple[int, int],
+                           cross_attention_kwargs: dict[str, Any] | None, *, prompt_2=None, negative_prompt_2=None,
+                           original_size: tuple[int, int] | None = None,
+                           crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
+                           clip_skip: int | None = None) -> UNetBranches:
+        """SDXL's ``cond`` / ``uncond`` branches of one image per prompt (both text encoders, pooled
+        embeddings, micro-conditioning at the image's size unless given), as in :meth:`__call__`."""
+        return self._prompt_branches(
+            prompt=prompts, prompt_2=prompt_2, negative_prompt=negative_prompts, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+            negative_pooled_prompt_embeds=None, negative_branch=None, device=self._execution_device,
+            rows=len(prompts), num_images_per_prompt=1, cross_attention_kwargs=cross_attention_kwargs,
+            clip_skip=clip_skip, original_size=original_size or size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size or size, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
+            negative_target_size=None)
+
+    def inversion_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The posterior mean, encoded as the inverse of :meth:`_decode` (upcast VAE pass,
+        ``latents_mean`` / ``latents_std`` when the VAE has them)."""
+        return GuidedStableDiffusionXLPipeline.image_to_latents(self, pixels, None, mean=True)
+
+    def text_to_image(self, prompt, **kwargs: Any):
+        return GuidedStableDiffusionXLPipeline.__call__(self, prompt, **kwargs)
+
+    def posterior_sample(self, pixels: torch.Tensor, generator, mean: bool = False) -> torch.Tensor:
+        """The VAE posterior sample (or mean) of the stock SDXL pipelines: a float32 VAE pass when
+        the VAE asks for it (``force_upcast``; it overflows in float16), back in the pixels' dtype."""
         dtype = pixels.dtype
         if not self.vae.config.force_upcast:
-            return super().posterior_sample(pixels, generator).to(dtype)
+            return super().posterior_sample(pixels, generator, mean).to(dtype)
         self.vae.to(dtype=torch.float32)
         try:
-            return super().posterior_sample(pixels.float(), generator).to(dtype)
+            return super().posterior_sample(pixels.float(), generator, mean).to(dtype)
         finally:
             self.vae.to(dtype)
 
-    def image_to_latents(self, pixels: torch.Tensor, generator) -> torch.Tensor:
-        """The stock SDXL img2img encoding: the posterior sample normalised by the VAE's
-        ``latents_mean`` / ``latents_std`` when it has them, else scaled by ``scaling_factor``."""
+    def image_to_latents(self, pixels: torch.Tensor, generator, mean: bool = False) -> torch.Tensor:
+        """The stock SDXL img2img encoding: the posterior sample (or mean) normalised by the VAE's
+        ``latents_mean`` / ``latents_std`` when it has them, else scaled by ``scaling_factor``:
+        the inverse of :meth:`_decode`."""
         dtype = pixels.dtype
-        latents = self.posterior_sample(pixels, generator)
+        latents = self.posterior_sample(pixels, generator, mean)
         config = self.vae.config
         if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
             mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, dtype)

@@ -125,3 +125,43 @@ def test_invert_on_the_img2img_pipeline_and_bad_inputs(pipe, tmp_path):
         pipe.invert(np.zeros((31, 31, 3), np.uint8), PROMPT)
     with pytest.raises(ValueError, match="lambda|scale"):
         pipe.invert(_image(), PROMPT, guidance="cfgpp", guidance_scale=3.0)
+
+
+def test_sdxl_invert_is_the_core_inversion_of_its_conditions_and_regenerates(tmp_path):
+    """SDXL: the branches are the stock encodings (both encoders, pooled embeddings, time ids at the
+    image's size, the pipeline's own null condition), the image is the posterior mean encoded as
+    the inverse of the pipeline's decoding; regenerate is the DDIM text-to-image call from there."""
+    from guidance_engine.pipelines import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLPipeline
+    from guidance_engine.pipelines.common import UNetBranches
+    from guidance_engine.pipelines.tiny_models import tiny_sdxl_components
+
+    xl = quiet(GuidedStableDiffusionXLPipeline(**tiny_sdxl_components(0)))
+    image, second = _image(), "a blue square"
+    inv = xl.invert(image, PROMPT, prompt_2=second, num_inference_steps=3)
+    assert inv.nfe == 6 and inv.guidance["name"] == "cfgpp"
+
+    size = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    cond, uncond, pooled, uncond_pooled = xl.encode_prompt(PROMPT, prompt_2=second, device="cpu",
+                                                           num_images_per_prompt=1, do_classifier_free_guidance=True)
+    time_ids = xl._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
+                                    text_encoder_projection_dim=xl.text_encoder_2.config.projection_dim)
+    branches = UNetBranches(xl.unet, {
+        "cond": {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": time_ids},
+        "uncond": {"encoder_hidden_states": uncond, "text_embeds": uncond_pooled, "time_ids": time_ids}})
+    pixels = xl.image_processor.preprocess(image[None].astype(np.float32) / 255.0)
+    clean = xl.vae.encode(pixels).latent_dist.mean * xl.vae.config.scaling_factor  # no latents_mean/std here
+    assert getattr(xl.vae.config, "latents_mean", None) is None
+    torch.testing.assert_close(inv.image_latents, clean)
+    want = invert(branches, clean, CFGPlusPlus(scale=0.6), scheduler=xl.scheduler, num_steps=3, progress=False)
+    torch.testing.assert_close(inv.latents, want.latents)
+
+    again = xl.regenerate(PROMPT, inv, prompt_2=second, output_type="latent").images
+    direct = xl(PROMPT, prompt_2=second, latents=inv.latents, num_inference_steps=3, guidance="cfgpp",
+                guidance_scale=0.6, sampler="ddim", eta=0.0, output_type="latent").images
+    torch.testing.assert_close(again, direct, rtol=0, atol=0)
+    img2img = GuidedStableDiffusionXLImg2ImgPipeline.from_pipe(xl)  # subclasses invert the same way
+    torch.testing.assert_close(img2img.invert(image, PROMPT, prompt_2=second, num_inference_steps=3).latents,
+                               inv.latents)
+    with pytest.raises(ValueError, match=r"invert: unexpected argument\(s\) \['prompt_2'\]"):
+        quiet(GuidedStableDiffusionPipeline(**tiny_sd_components(0), requires_safety_checker=False)).invert(
+            image, PROMPT, prompt_2=second)
