@@ -48,8 +48,8 @@ class DiTBranches(UNetBranches):
     labels; the output's first ``latent_channels`` channels (the eps half of learned-sigma
     models). Rows go in the stock order (conditional before null)."""
 
-    def __init__(self, transformer, conditions, latent_channels: int, providers=None) -> None:
-        super().__init__(transformer, conditions, providers=providers)
+    def __init__(self, transformer, conditions, latent_channels: int, providers=None, networks=None) -> None:
+        super().__init__(transformer, conditions, providers=providers, networks=networks)
         self.latent_channels = latent_channels
 
     def check_alterations(self, branch) -> None:
@@ -144,6 +144,7 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock style)
         gfcg_classifier=None,
+        reference_unet=None,
     ) -> GuidedPipelineOutput | tuple:
         """Generate one image per class label. Arguments are the stock DiT pipeline's, plus:
 
@@ -158,6 +159,9 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
                 (``[-1, 1]``, NCHW) to logits over this model's classes; default: the shipped
                 "guide" attribute classifier when the model's classes are the shapes classes.
             callback_on_step_end: ``callback(pipe, i, t, {"latents": ..., "class_labels": ...})``.
+            reference_unet: autoguidance's reference network, a weaker DiT with the same classes
+                (default: from ``from_pretrained``/``from_pipe`` or the model directory's
+                ``reference_unet/`` subfolder).
 
         Returns:
             :class:`GuidedPipelineOutput` (images, ``nfe`` per image, guidance config and state).
@@ -176,7 +180,8 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
         if null is not None:
             conditions["uncond"] = {"class_labels": torch.full_like(labels, null)}
         branches = DiTBranches(self.transformer, conditions, self.transformer.config.in_channels,
-                               providers=self.random_classes(len(ids), generator, device))
+                               providers=self.random_classes(len(ids), generator, device),
+                               networks={"reference": self.reference_network(guide, reference_unet)})
         if null is None and "uncond" in guide.required_branches():
             raise ValueError(f"guidance: method {guide.name!r} needs the null class, which this transformer lacks "
                              "(its label embedding has no class-dropout row)")

@@ -89,10 +89,14 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         """Generate images. Arguments are the stock SD3 pipeline's (IP-Adapter excepted) plus
         ``guidance``, ``sampler``, ``eta`` and ``particle_output`` as in
         :meth:`GuidedStableDiffusionPipeline.__call__`; the default CFG scale is 7.0.
+        ``reference_unet`` (keyword): autoguidance's reference network, a weaker SD3 transformer
+        taking the same embeddings (default: from ``from_pretrained``/``from_pipe`` or the model
+        directory's ``reference_unet/`` subfolder).
 
         ``skip_guidance_layers`` (with ``guidance=None``) is the stock skip-layer guidance: the
         engine's :class:`~guidance_engine.methods.slg.SLG` with the stock scale and window (stock
         ``n start < i < n stop``), its skip branch rows of the one batched forward."""
+        reference = kwargs.pop("reference_unet", None)  # autoguidance's reference transformer
         unsupported = sorted(k for k, v in kwargs.items() if v is not None)
         if unsupported:
             raise ValueError(f"GuidedStableDiffusion3Pipeline: unsupported argument(s) {unsupported} "
@@ -132,7 +136,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
             "cond": {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds},
             "uncond": {"encoder_hidden_states": negative_prompt_embeds,
                        "pooled_projections": negative_pooled_prompt_embeds},
-        }, joint_attention_kwargs)
+        }, joint_attention_kwargs, networks={"reference": self.reference_network(guide, reference)})
 
         shape = (batch_size * num_images_per_prompt, self.transformer.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)

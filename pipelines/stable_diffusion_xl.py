@@ -66,7 +66,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:
         """Generate images. Arguments are the stock SDXL pipeline's (``denoising_end`` and
-        IP-Adapter excepted) plus ``guidance`` and ``sampler``, as in
+        IP-Adapter excepted) plus ``guidance``, ``sampler`` and (keyword) ``reference_unet``, as in
         :meth:`GuidedStableDiffusionPipeline.__call__`; the default CFG scale is 5.0."""
         return self._generate(**{name: value for name, value in locals().items()
                                  if name not in ("self", "kwargs", "__class__")}, **kwargs)
@@ -77,7 +77,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                   output_type, return_dict, cross_attention_kwargs, guidance_rescale, original_size,
                   crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
                   negative_target_size, clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                  guidance, sampler, particle_output, start: ImageInput | None = None, **kwargs: Any):
+                  guidance, sampler, particle_output, start: ImageInput | None = None, reference_unet=None,
+                  **kwargs: Any):
         """The shared body of text-to-image, img2img and inpainting (``start``: the input image)."""
         unsupported = sorted(k for k, v in kwargs.items() if v is not None)
         if unsupported:
@@ -118,6 +119,9 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
             clip_skip=clip_skip, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
+        reference = self.reference_network(guide, reference_unet)  # autoguidance's weaker UNet
+        if reference is not None:
+            branches.networks["reference"] = reference
         dtype = branches.conditions["cond"]["encoder_hidden_states"].dtype
 
         channels = self.unet.config.in_channels if start is None else self.vae.config.latent_channels

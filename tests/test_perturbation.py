@@ -437,3 +437,57 @@ def test_sag_records_the_source_rows_only_and_restores_the_processor(sd_pair) ->
         sag_module.degraded_input = original
     assert seen == [((2, 64), (8, 8))] * 2  # two images' unconditional rows, the 8 x 8 mid-block grid
     assert _same_processors(before, _processors(guided.unet))
+
+
+def _family(name: str):
+    """(guided pipeline, a weaker reference network of the same family, a generating call, the
+    conditioning keyword both networks must see) for SDXL, SD3 and DiT on tiny models."""
+    from guidance_engine.pipelines import GuidedDiTPipeline, GuidedStableDiffusionXLPipeline
+    from guidance_engine.pipelines.dit import tiny_dit_components
+    from guidance_engine.pipelines.tiny_models import tiny_sdxl_components
+
+    if name == "dit":
+        pipe = quiet(GuidedDiTPipeline(**tiny_dit_components(num_classes=6, learned_sigma=False)))
+        reference = tiny_dit_components(num_classes=6, learned_sigma=False, seed=1)["transformer"]
+        return pipe, reference, lambda **kw: pipe([1, 4], num_inference_steps=STEPS, generator=seeded(0),
+                                                 output_type="latent", **kw), "class_labels"
+    if name == "sdxl":
+        pipe = quiet(GuidedStableDiffusionXLPipeline(**tiny_sdxl_components(0)))
+        reference = tiny_sdxl_components(1)["unet"]
+    else:
+        pipe = quiet(GuidedStableDiffusion3Pipeline(**tiny_sd3_components(0)))
+        reference = tiny_sd3_components(1)["transformer"]
+    return pipe, reference, lambda **kw: _latents(pipe, **kw), "encoder_hidden_states"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "dit"])
+def test_autoguidance_reference_network_on_sdxl_sd3_and_dit(family) -> None:
+    """The reference network is called once a step on the conditional rows' own conditioning
+    (the main call's cond rows), w = 1 is the main model alone, and a reference equal to the
+    main network changes nothing."""
+    pipe, reference, generate, key = _family(family)
+    main = pipe.unet if family == "sdxl" else pipe.transformer
+    seen = {"main": [], "reference": []}
+
+    def recorder(which):
+        def hook(module, args, kwargs):
+            seen[which].append(kwargs[key] if key in kwargs else args[2])
+        return hook
+
+    hooks = [main.register_forward_pre_hook(recorder("main"), with_kwargs=True),
+             reference.register_forward_pre_hook(recorder("reference"), with_kwargs=True)]
+    try:
+        out = generate(guidance=AutoGuidance(scale=2.0), reference_unet=reference)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    assert out.nfe == 2 * STEPS and len(seen["reference"]) == len(seen["main"]) == STEPS
+    for ours, theirs in zip(seen["main"], seen["reference"]):
+        assert torch.equal(ours, theirs)  # the cond rows' conditioning, nothing else
+    cond_only = generate(guidance=CFG(scale=1.0))
+    assert not torch.equal(out.images, cond_only.images)
+    assert torch.equal(generate(guidance=AutoGuidance(scale=1.0), reference_unet=reference).images, cond_only.images)
+    torch.testing.assert_close(generate(guidance=AutoGuidance(scale=3.0), reference_unet=main).images,
+                               cond_only.images, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs a 'reference' network: pass reference_unet="):
+        generate(guidance=AutoGuidance())
