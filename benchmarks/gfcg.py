@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--cfg-scales", default=None, help="CFG scales (default per kind: see GRIDS)")
     parser.add_argument("--gfcg-scales", default=None, help="scales of GFCG alone")
     parser.add_argument("--combo", default=None, help="cfg_scale:gfcg_scale pairs of GFCG + CFG")
+    parser.add_argument("--long-cfg-scales", default="",
+                        help="more CFG scales run with 1.5x the steps (equal-NFE rivals of GFCG + CFG besides "
+                             "the combos' own scales)")
     parser.add_argument("--adaptive-scale", type=float, default=None,
                         help="scale of the adaptive-rule ablation (negative: none)")
     parser.add_argument("--threads", type=int, default=1)
@@ -192,7 +195,7 @@ def main() -> None:
         methods += [{"name": "gfcg", "scale": grid["adaptive_scale"], "adaptive": rule}
                     for rule in ("confusion", "constant")]
     pairs = [tuple(float(v) for v in pair.split(":")) for pair in grid["combo"].split(",") if pair]
-    for s in sorted({s for s, _ in pairs}):
+    for s in sorted({s for s, _ in pairs} | set(floats(args.long_cfg_scales))):
         methods.append({"name": "cfg", "scale": s, "steps": s15, "label": f"cfg(scale={s:g}), {s15} steps"})
     methods += [{"name": "gfcg", "cfg_scale": s, "scale": w} for s, w in pairs]
 
