@@ -98,11 +98,16 @@ def _image_pipeline(pipe, inpaint: bool):
     from .img2img import GuidedStableDiffusionImg2ImgPipeline
     from .inpaint import GuidedStableDiffusionInpaintPipeline
     from .stable_diffusion import GuidedStableDiffusionPipeline
+    from .stable_diffusion_xl import GuidedStableDiffusionXLPipeline
+    from .xl_image import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLInpaintPipeline
 
-    if not isinstance(pipe, GuidedStableDiffusionPipeline):
-        raise ValueError(f"--model: image-to-image, inpainting and editing need a Stable Diffusion 1.x/2.x "
+    if isinstance(pipe, GuidedStableDiffusionXLPipeline):
+        cls = GuidedStableDiffusionXLInpaintPipeline if inpaint else GuidedStableDiffusionXLImg2ImgPipeline
+    elif isinstance(pipe, GuidedStableDiffusionPipeline):
+        cls = GuidedStableDiffusionInpaintPipeline if inpaint else GuidedStableDiffusionImg2ImgPipeline
+    else:
+        raise ValueError(f"--model: image-to-image, inpainting and editing need a Stable Diffusion 1.x/2.x or SDXL "
                          f"checkpoint here, got a {type(pipe).__name__}")
-    cls = GuidedStableDiffusionInpaintPipeline if inpaint else GuidedStableDiffusionImg2ImgPipeline
     return cls.from_pipe(pipe)
 
 

@@ -52,3 +52,27 @@ def test_image_commands_check_inputs_before_loading(tmp_path, capsys):
     assert "--mask: its size 16 x 16 must match" in capsys.readouterr().err
     assert main(["edit", str(image), "--source-prompt", "a", "--target-prompt", "b", "--scale", "3"]) == 2
     assert "scale" in capsys.readouterr().err
+
+
+def test_image_commands_on_an_sdxl_checkpoint(tmp_path):
+    """An SDXL checkpoint gets the SDXL img2img pipeline and SDXL inversion; the written images are
+    those pipelines' own."""
+    import torch
+
+    from guidance_engine.pipelines import GuidedStableDiffusionXLImg2ImgPipeline
+    from guidance_engine.pipelines.tiny_models import save_tiny_sdxl
+
+    model = save_tiny_sdxl(tmp_path / "xl")
+    image = _render(tmp_path)
+    assert main(["img2img", str(image), "a green circle", "--strength", "0.5", "--steps", "4", "--seed", "3",
+                 "--model", str(model), "-o", str(tmp_path / "xl.png")]) == 0
+    pipe = GuidedStableDiffusionXLImg2ImgPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("a green circle", image=Image.open(image), strength=0.5, num_inference_steps=4,
+                guidance="cfg", generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "xl.png").convert("RGB")), np.asarray(want))
+    assert main(["edit", str(image), "--source-prompt", "a red circle", "--target-prompt", "a yellow circle",
+                 "--steps", "3", "--model", str(model), "-o", str(tmp_path / "xl-edit.png")]) == 0
+    inverted = pipe.invert(Image.open(image), "a red circle", num_inference_steps=3)
+    edit = pipe.regenerate("a yellow circle", inverted).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "xl-edit.png").convert("RGB")), np.asarray(edit))
