@@ -74,7 +74,7 @@ def _candidates(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
                 members.append((name, module))
         return members
     return [(name, module) for name, module in model.named_modules()
-            if _is_plain_self_attention(module) or (kind == "identity" and _is_joint_attention(module))]
+            if _is_plain_self_attention(module) or (kind in ("identity", "blur") and _is_joint_attention(module))]
 
 
 def _accepted(model: nn.Module, family: str, candidates: list[tuple[str, nn.Module]]) -> str:
@@ -95,11 +95,9 @@ def resolve_layers(model: nn.Module, perturbation: Perturbation, owner: str = "g
     layers = perturbation.layers if perturbation.layers is not None else DEFAULT_LAYERS[family]
     candidates = _candidates(model, perturbation.kind)
     if not candidates:
-        what = "transformer blocks" if perturbation.kind == "skip" else "plain self-attention layers"
-        extra = " (SD3's joint attention mixes text and image tokens: use kind 'skip', i.e. SLG)" \
-            if family == "transformer" else ""
+        what = "transformer blocks" if perturbation.kind == "skip" else "self-attention or joint-attention layers"
         raise ValueError(f"{owner}: perturbation {perturbation.kind!r} needs {what}; "
-                         f"{type(model).__name__} has none{extra}")
+                         f"{type(model).__name__} has none")
     chosen: dict[str, nn.Module] = {}
     for layer in layers:
         if isinstance(layer, int) and family != "transformer":
@@ -214,19 +212,26 @@ def _perturbed_attention(attn, hidden_states: torch.Tensor, temb: torch.Tensor |
     return out / attn.rescale_output_factor
 
 
-def _perturbed_joint_attention(attn, hidden_states: torch.Tensor,
-                               encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint attention (SD3) of these rows with the image-to-image block of the attention map
-    replaced by the identity: every image token attends to itself and to the text tokens, the text
-    tokens to everything (the PAG rule of diffusers' SD3 PAG pipeline). Unlike that pipeline's
-    processors, the model's query / key norms (SD 3.5) are applied, as in its own processor."""
+def _perturbed_joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                               perturbation: Perturbation, latent_hw: tuple[int, int]
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint attention (SD3) of these rows, perturbed. "identity" (PAG): the image-to-image block of
+    the attention map replaced by the identity, so every image token attends to itself and to the
+    text tokens, the text tokens to everything (the rule of diffusers' SD3 PAG pipeline). "blur"
+    (SEG): the image tokens' queries blurred over their grid (the query projection, before the
+    q-norm, as SEG does on plain self-attention); the text queries are left alone, the map is
+    otherwise the model's. Unlike diffusers' PAG processors, the model's query / key norms (SD 3.5)
+    are applied, as in its own processor."""
     batch, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
     heads = attn.heads
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
-    query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+    query = attn.to_q(hidden_states)
+    if perturbation.kind == "blur":
+        query = gaussian_blur_queries(query, *_grid(image_tokens, latent_hw), perturbation.sigma)
+    query, key, value = split(query), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -240,11 +245,14 @@ def _perturbed_joint_attention(attn, hidden_states: torch.Tensor,
         context_key = attn.norm_added_k(context_key)
     query, key, value = (torch.cat(pair, dim=2) for pair in ((query, context_query), (key, context_key),
                                                                (value, context_value)))
-    tokens = query.shape[2]
-    mask = torch.zeros((tokens, tokens), device=query.device, dtype=query.dtype)
-    mask[:image_tokens, :image_tokens] = float("-inf")
-    mask[:image_tokens, :image_tokens].fill_diagonal_(0)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None])
+    mask = None
+    if perturbation.kind == "identity":
+        tokens = query.shape[2]
+        mask = torch.zeros((tokens, tokens), device=query.device, dtype=query.dtype)
+        mask[:image_tokens, :image_tokens] = float("-inf")
+        mask[:image_tokens, :image_tokens].fill_diagonal_(0)
+        mask = mask[None, None]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
     out = out.transpose(1, 2).reshape(batch, -1, heads * query.shape[-1]).to(query.dtype)
     out, context = out[:, :image_tokens], out[:, image_tokens:]
     if not attn.context_pre_only:
@@ -319,8 +327,9 @@ class RowPerturbedProcessor(RowProcessor):
         joint = encoder_hidden_states is not None and _is_joint_attention(attn)
         for start, end, perturbation in self.segments:
             rows = slice(start, end)
-            if joint:  # (image, text) streams; only "identity" resolves to joint layers
-                parts.append((rows, _perturbed_joint_attention(attn, hidden_states[rows], encoder_hidden_states[rows])))
+            if joint:  # (image, text) streams; "identity" and "blur" resolve to joint layers
+                parts.append((rows, _perturbed_joint_attention(attn, hidden_states[rows], encoder_hidden_states[rows],
+                                                               perturbation, self.latent_hw)))
             else:
                 parts.append((rows, _perturbed_attention(attn, hidden_states[rows],
                                                          _take(kwargs.get("temb"), rows, batch), perturbation,

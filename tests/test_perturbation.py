@@ -295,13 +295,11 @@ def test_bad_layers_or_missing_networks_fail_before_any_model_call(sd_pair, meth
     assert calls == []
 
 
-def test_sd3_refuses_attention_perturbations_before_any_model_call(sd3_pair) -> None:
+def test_sd3_refuses_sag_and_bad_layers_before_any_model_call(sd3_pair) -> None:
     _, guided = sd3_pair
     calls = []
     handle = guided.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ValueError, match=r"seg: perturbation 'blur' needs plain self-attention .* 'skip'"):
-            _latents(guided, SEG(layers=[1]))
         with pytest.raises(ValueError, match=r"sag is not available for SD3 transformers"):
             _latents(guided, SAG(layers=[1]))
         with pytest.raises(ValueError, match=r"slg: parameter 'layers' must be transformer block indices 0..3; 7"):
@@ -491,3 +489,40 @@ def test_autoguidance_reference_network_on_sdxl_sd3_and_dit(family) -> None:
                                cond_only.images, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="needs a 'reference' network: pass reference_unet="):
         generate(guidance=AutoGuidance())
+
+
+@pytest.mark.parametrize("sigma", [2.0, math.inf])
+def test_seg_on_sd3_rows_equal_the_transformer_with_blurred_image_queries(sd3_pair, sigma) -> None:
+    """SEG on SD3's joint attention, as rows of the one forward, equals the transformer run alone
+    with block 1's image-query projection blurred by hand (a hook on ``to_q``; the text queries,
+    from ``add_q_proj``, untouched); the other rows are the unaltered transformer; through the
+    pipeline, seg_scale 0 is CFG."""
+    from guidance_engine.pipelines.stable_diffusion_3 import TransformerBranches
+
+    _, guided = sd3_pair
+    transformer = guided.transformer
+    embeds, _, pooled, _ = guided.encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False,
+                                                device="cpu")
+    branches = TransformerBranches(transformer, {"cond": {"encoder_hidden_states": embeds,
+                                                          "pooled_projections": pooled}})
+    x, t = torch.randn(1, 4, 16, 16, generator=seeded(0)), torch.tensor([500.0])
+    altered = Branch("s", base="cond", perturb=Perturbation("blur", (1,), sigma=sigma))
+    out = branches(x, t, [("cond", None), (altered, None)])
+    to_q = transformer.transformer_blocks[1].attn.to_q
+    handle = to_q.register_forward_hook(lambda module, args, output: gaussian_blur_queries(output, 16, 16, sigma))
+    try:
+        with torch.no_grad():
+            want = transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                               return_dict=False)[0]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                            return_dict=False)[0]
+    torch.testing.assert_close(out["s"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["cond"], plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out["s"], plain, atol=1e-4)
+    torch.testing.assert_close(_latents(guided, SEG(scale=4.0, seg_scale=0.0, layers=[1])).images,
+                               _latents(guided, CFG(scale=4.0)).images, rtol=0, atol=0)
+    seg = _latents(guided, SEG(scale=4.0, seg_scale=3.0, layers=[1, 2], blur_sigma=sigma))
+    assert seg.nfe == 3 * STEPS and torch.isfinite(seg.images).all()
