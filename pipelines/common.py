@@ -51,26 +51,34 @@ class GuidedPipelineOutput(BaseOutput):
 
 
 @contextlib.contextmanager
-def perturbed_time_embedding(unet, spans: list[tuple[int, int, Any]]):
+def perturbed_time_embedding(modules: Sequence[Any], spans: list[tuple[int, int, Any]]):
     """Add noise to the time-step embedding (after its MLP) of the rows in ``spans`` only, for one
-    forward; the hook is removed in ``finally``, so the model is never left altered."""
+    forward; the hooks are removed in ``finally``, so the model is never left altered.
+
+    ``modules``: the network's time-embedding MLPs. A UNet has one; a diffusers DiT one per block
+    (all fed the same t; diffusers' DiT conversion script copies the original's one ``t_embedder``
+    into every block). A span's noise is drawn once per forward and added wherever
+    the embedding is computed, scaled by that embedding's std."""
     if not spans:
         yield
         return
+    drawn: dict[int, torch.Tensor] = {}
 
     def hook(module, inputs, emb):
         emb = emb.clone()
-        for start, end, branch in spans:
+        for i, (start, end, branch) in enumerate(spans):
             rows = emb[start:end]
-            noise = torch.randn(rows.shape, generator=branch.generator, dtype=torch.float32).to(rows)
-            emb[start:end] = rows + branch.time_noise * rows.float().std() * noise
+            if i not in drawn:
+                drawn[i] = torch.randn(rows.shape, generator=branch.generator, dtype=torch.float32)
+            emb[start:end] = rows + branch.time_noise * rows.float().std() * drawn[i].to(rows)
         return emb
 
-    handle = unet.time_embedding.register_forward_hook(hook)
+    handles = [module.register_forward_hook(hook) for module in modules]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class UNetBranches:
@@ -203,6 +211,10 @@ class UNetBranches:
             return dict(zip(names, out.chunk(len(parts))))  # the stock pipelines' split, bit for bit
         return dict(zip(names, out.split([len(part) for part in xs])))
 
+    def time_embeddings(self, model) -> list[Any]:
+        """The modules whose output is the time-step embedding TSG perturbs (a UNet's MLP)."""
+        return [model.time_embedding]
+
     @contextlib.contextmanager
     def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
         """The alterations of ``spans`` for one forward of ``model``, undone in ``finally``."""
@@ -210,7 +222,7 @@ class UNetBranches:
         layer_spans = [span for span in spans if span[2].perturb is not None and span[2].probe is None]
         probe_spans = [(start, end, branch.probe) for start, end, branch in spans if branch.probe is not None]
         latent_hw = tuple(x_in.shape[-2:])
-        with perturbed_time_embedding(model, time_spans), \
+        with perturbed_time_embedding(self.time_embeddings(model), time_spans), \
                 perturbed_layers(model, layer_spans, latent_hw, self.layers), \
                 recorded_attention(model, probe_spans, latent_hw, self.layers):
             yield

@@ -53,11 +53,18 @@ class DiTBranches(UNetBranches):
         self.latent_channels = latent_channels
 
     def check_alterations(self, branch) -> None:
-        """Altered layers (PAG, SEG, SLG) act on the DiT blocks' self-attention; the time-embedding
-        noise of TSG and SAG's attention probe are not available for DiT here."""
-        if branch.time_noise > 0 or branch.probe is not None:
-            raise ValueError("guidance: time-embedding noise (tsg) and sag are not available for DiT transformers "
-                             "here (pag, seg and slg are)")
+        """Altered layers (PAG, SEG, SLG) act on the DiT blocks' self-attention, TSG's noise on the
+        blocks' time-step embeddings; SAG's attention probe is not available for DiT here."""
+        if branch.probe is not None:
+            raise ValueError("guidance: sag is not available for DiT transformers here (pag, seg, slg and tsg are)")
+        if branch.time_noise > 0 and not self.time_embeddings(self.unet):
+            raise ValueError("guidance: tsg needs the DiT blocks' time-step embeddings (norm1.emb.timestep_embedder); "
+                             f"{type(self.unet).__name__} has none")
+
+    def time_embeddings(self, model) -> list:
+        """Every block's time-step MLP (``norm1.emb.timestep_embedder``; the final layer reuses block
+        0's): TSG adds one noise draw per forward to each, before the class embedding is added."""
+        return [module for name, module in model.named_modules() if name.endswith("norm1.emb.timestep_embedder")]
 
     def __call__(self, x, timestep, requests):
         order = {"cond": 0, "uncond": 1}  # the stock DiT batch is [class labels, null labels]

@@ -64,8 +64,8 @@ def test_class_labels_are_checked_before_any_model_call() -> None:
         guided(["cat"], num_inference_steps=2)
     with pytest.raises(ValueError, match=r"output_type: must be"):
         guided([0], num_inference_steps=2, output_type="jpg")
-    with pytest.raises(ValueError, match=r"time-embedding noise \(tsg\) and sag are not available for DiT"):
-        guided([0], num_inference_steps=2, guidance={"name": "tsg"})
+    with pytest.raises(ValueError, match=r"sag is not available for DiT transformers"):
+        guided([0], num_inference_steps=2, guidance={"name": "sag", "layers": [1]})
     assert seen == []
 
 
@@ -133,3 +133,50 @@ def test_pag_and_slg_run_on_the_dit_pipeline_and_scale_zero_is_cfg() -> None:
     slg = run({"name": "slg", "scale": 3.0, "layers": [1], "start": 0.0, "stop": 1.0})
     assert pag.nfe == 9 and slg.nfe == 9 and not np.array_equal(pag.images, cfg.images)
 
+
+
+def test_tsg_rows_on_dit_equal_the_transformer_with_a_noisy_time_embedding() -> None:
+    """TSG's rows of the one forward equal the transformer run alone with ONE noise draw added to
+    every block's time-step embedding (scaled by its std, before the class embedding); the other
+    rows are the unaltered transformer; noise_scale 0 is the conditional prediction."""
+    from guidance_engine.guidance import Branch
+    from guidance_engine.methods.tsg import TSG
+    from guidance_engine.pipelines.dit import DiTBranches
+
+    transformer = tiny_dit_components(num_classes=12, learned_sigma=False)["transformer"]
+    labels = torch.tensor([3, 7])
+    branches = DiTBranches(transformer, {"cond": {"class_labels": labels}}, latent_channels=4)
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    noisy = Branch("tsg", base="cond", time_noise=0.7, generator=torch.Generator().manual_seed(5))
+    out = branches(x, t, [("cond", None), (noisy, None)])
+
+    z = None
+
+    def add_noise(module, inputs, emb):
+        nonlocal z
+        if z is None:
+            z = torch.randn(emb.shape, generator=torch.Generator().manual_seed(5))
+        return emb + 0.7 * emb.std() * z
+
+    embedders = [block.norm1.emb.timestep_embedder for block in transformer.transformer_blocks]
+    handles = [m.register_forward_hook(add_noise) for m in embedders]
+    try:
+        with torch.no_grad():
+            want = transformer(x, timestep=t.expand(2), class_labels=labels).sample
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        plain = transformer(x, timestep=t.expand(2), class_labels=labels).sample
+    torch.testing.assert_close(out["tsg"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["cond"], plain, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out["tsg"], plain, atol=1e-4)
+
+    _, guided = _pair(num_classes=12, learned_sigma=False)
+    def run(guidance):
+        return guided([0, 5], guidance=guidance, num_inference_steps=3, generator=seeded(0), output_type="np")
+    torch.testing.assert_close(torch.as_tensor(run(TSG(noise_scale=0.0, t_min=0.0)).images),
+                               torch.as_tensor(run({"name": "cfg", "scale": 1.0}).images),
+                               atol=1e-5, rtol=1e-5)
+    out = run(TSG(t_min=0.0))
+    assert out.nfe == 6 and np.isfinite(out.images).all()
