@@ -222,7 +222,7 @@ class UNetBranches:
         layer_spans = [span for span in spans if span[2].perturb is not None and span[2].probe is None]
         probe_spans = [(start, end, branch.probe) for start, end, branch in spans if branch.probe is not None]
         latent_hw = tuple(x_in.shape[-2:])
-        with perturbed_time_embedding(self.time_embeddings(model), time_spans), \
+        with perturbed_time_embedding(self.time_embeddings(model) if time_spans else [], time_spans), \
                 perturbed_layers(model, layer_spans, latent_hw, self.layers), \
                 recorded_attention(model, probe_spans, latent_hw, self.layers):
             yield
