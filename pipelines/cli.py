@@ -113,8 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"attention: {args.attention} is not available here, using {in_effect}", file=sys.stderr)
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     start = time.perf_counter()
-    out = generate_from_prompts(pipe, [args.prompt] * args.num_images, negative_prompt=args.negative_prompt,
-                                height=args.height, width=args.width, num_inference_steps=args.steps,
+    out = generate_from_prompts(pipe, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+                                width=args.width, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
                                 guidance=guidance, sampler=args.sampler, generator=generators, eta=args.eta)
     seconds = time.perf_counter() - start
     paths = output_paths(Path(args.output), args.num_images)

@@ -97,15 +97,17 @@ def refuse_text_options(**options) -> None:
 
 
 def generate_from_prompts(pipe, prompts: str | list[str], negative_prompt=None, height: int | None = None,
-                          width: int | None = None, **kwargs):
+                          width: int | None = None, num_images_per_prompt: int = 1, **kwargs):
     """``pipe(prompts, ...)`` for a text-to-image pipeline; for a class-conditional one each prompt is
-    a class name or id (:func:`class_label`) and the text-only options must be unset. ``kwargs``
-    (guidance, generator, steps, ...) pass through."""
+    a class name or id (:func:`class_label`), repeated ``num_images_per_prompt`` times, and the
+    text-only options must be unset. ``kwargs`` (guidance, generator, steps, ...) pass through."""
     if hasattr(pipe, "class_ids"):
         refuse_text_options(negative_prompt=negative_prompt, height=height, width=width)
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        return pipe(pipe.class_ids([class_label(p) for p in prompts]), **kwargs)
-    return pipe(prompts, negative_prompt=negative_prompt, height=height, width=width, **kwargs)
+        labels = pipe.class_ids([class_label(p) for p in prompts])
+        return pipe([k for k in labels for _ in range(num_images_per_prompt)], **kwargs)
+    return pipe(prompts, negative_prompt=negative_prompt, height=height, width=width,
+                num_images_per_prompt=num_images_per_prompt, **kwargs)
 
 
 def load_pipeline(model: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32"):
