@@ -53,10 +53,8 @@ class DiTBranches(UNetBranches):
         self.latent_channels = latent_channels
 
     def check_alterations(self, branch) -> None:
-        """Altered layers (PAG, SEG, SLG) act on the DiT blocks' self-attention, TSG's noise on the
-        blocks' time-step embeddings; SAG's attention probe is not available for DiT here."""
-        if branch.probe is not None:
-            raise ValueError("guidance: sag is not available for DiT transformers here (pag, seg, slg and tsg are)")
+        """Altered layers (PAG, SEG, SLG) and SAG's attention probe act on the DiT blocks'
+        self-attention, TSG's noise on the blocks' time-step embeddings."""
         if branch.time_noise > 0 and not self.time_embeddings(self.unet):
             raise ValueError("guidance: tsg needs the DiT blocks' time-step embeddings (norm1.emb.timestep_embedder); "
                              f"{type(self.unet).__name__} has none")

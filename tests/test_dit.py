@@ -64,8 +64,8 @@ def test_class_labels_are_checked_before_any_model_call() -> None:
         guided(["cat"], num_inference_steps=2)
     with pytest.raises(ValueError, match=r"output_type: must be"):
         guided([0], num_inference_steps=2, output_type="jpg")
-    with pytest.raises(ValueError, match=r"sag is not available for DiT transformers"):
-        guided([0], num_inference_steps=2, guidance={"name": "sag", "layers": [1]})
+    with pytest.raises(ValueError, match=r"sag: parameter 'layers' must be"):
+        guided([0], num_inference_steps=2, guidance={"name": "sag"})  # the UNet default "mid"
     assert seen == []
 
 
@@ -180,3 +180,43 @@ def test_tsg_rows_on_dit_equal_the_transformer_with_a_noisy_time_embedding() -> 
                                atol=1e-5, rtol=1e-5)
     out = run(TSG(t_min=0.0))
     assert out.nfe == 6 and np.isfinite(out.images).all()
+
+
+def test_sag_on_dit_reads_the_block_attention_of_its_source_rows() -> None:
+    """SAG's probe on a DiT block records softmax(Q K^T * scale) of that block's self-attention on
+    the source (cond) rows only, on the 8 x 8 token grid of the 16 x 16 latent; through the
+    pipeline, its degraded branch is one more evaluation a step and sag_scale 0 is CFG."""
+    from guidance_engine.guidance import Branch
+    from guidance_engine.methods.sag import SAG, AttentionProbe
+    from guidance_engine.pipelines.dit import DiTBranches
+
+    transformer = tiny_dit_components(num_classes=12, learned_sigma=False)["transformer"]
+    conditions = {"cond": {"class_labels": torch.tensor([3, 7])}, "uncond": {"class_labels": torch.tensor([2, 2])}}
+    branches = DiTBranches(transformer, conditions, latent_channels=4)
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    probe = AttentionProbe((1,))
+    seen = []
+    attn = transformer.transformer_blocks[1].attn1
+    handle = attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else
+                                                                                kwargs["hidden_states"]),
+                                            with_kwargs=True)
+    try:
+        branches(x, t, [("cond", None), ("uncond", None), (Branch("sag", base="cond", probe=probe), None)])
+    finally:
+        handle.remove()
+    tokens = seen[0][:2]  # the forward's rows: cond first (stock DiT order), then uncond
+    heads, dim = attn.heads, tokens.shape[-1] // attn.heads
+    with torch.no_grad():
+        q = attn.to_q(tokens).view(2, -1, heads, dim).transpose(1, 2)
+        k = attn.to_k(tokens).view(2, -1, heads, dim).transpose(1, 2)
+        received = torch.softmax(q @ k.transpose(-1, -2) / dim ** 0.5, dim=-1).mean(dim=1).sum(dim=1)
+    assert probe.grid == (8, 8)
+    torch.testing.assert_close(probe.mass, received, rtol=1e-5, atol=1e-5)
+
+    _, guided = _pair(num_classes=12, learned_sigma=False)
+    def run(guidance):
+        return guided([0, 5], guidance=guidance, num_inference_steps=3, generator=seeded(0), output_type="latent")
+    assert torch.equal(run(SAG(scale=3.0, sag_scale=0.0, layers=[1])).images, run({"name": "cfg", "scale": 3.0}).images)
+    out = run(SAG(scale=3.0, sag_scale=0.75, layers=[1]))
+    assert out.nfe == 9 and torch.isfinite(out.images).all()
+    assert not torch.equal(out.images, run({"name": "cfg", "scale": 3.0}).images)
