@@ -250,6 +250,15 @@ class GuidedPipelineMixin:
     #: subfolder of a model directory holding an autoguidance reference network (loaded on demand)
     reference_subfolder: str = "reference_unet"
 
+    @staticmethod
+    def guided_output(images: Any, nfe_per_image: list[float], state: Any, guide: Guidance, sampler: str | None,
+                      **extra: Any) -> GuidedPipelineOutput:
+        """A call's output: the images, network evaluations per image and their mean, the method's
+        config and final state, the sampler (``extra``: e.g. the safety checker's flags)."""
+        return GuidedPipelineOutput(images=images, nfe=sum(nfe_per_image) / len(nfe_per_image),
+                                    nfe_per_image=nfe_per_image, guidance_state=state, guidance=guide.to_dict(),
+                                    sampler=sampler or "auto", **extra)
+
     @classmethod
     def from_pretrained(cls, *args: Any, reference_unet=None, **kwargs: Any):
         """The stock ``from_pretrained``, plus ``reference_unet=``: the autoguidance reference

@@ -207,9 +207,7 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return GuidedPipelineOutput(images=images, nfe=sum(nfe_per_image) / len(nfe_per_image),
-                                    nfe_per_image=nfe_per_image, guidance_state=state, guidance=guide.to_dict(),
-                                    sampler=sampler or "auto")
+        return self.guided_output(images, nfe_per_image, state, guide, sampler)
 
     def decode_latents_to_images(self, latents: torch.Tensor, output_type: str = "pt"):
         """The stock DiT decoding: ``1 / scaling_factor * latents`` through the VAE, to [0, 1]."""

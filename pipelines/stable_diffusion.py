@@ -161,7 +161,6 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
                               "negative_prompt_embeds": ("uncond", "encoder_hidden_states")})
-        mean_nfe = sum(nfe_per_image) / len(nfe_per_image)
         if output_type == "latent":
             image, has_nsfw = latents, None
         else:
@@ -173,10 +172,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         self.maybe_free_model_hooks()
         if not return_dict:
             return image, has_nsfw
-        return GuidedPipelineOutput(images=image, nsfw_content_detected=has_nsfw, nfe=mean_nfe,
-                                    nfe_per_image=nfe_per_image,
-                                    guidance_state=state,
-                                    guidance=guide.to_dict(), sampler=sampler or "auto")
+        return self.guided_output(image, nfe_per_image, state, guide, sampler, nsfw_content_detected=has_nsfw)
 
     def independent_conditions(self, prompt_embeds: torch.Tensor, generator) -> dict:
         """ICG's y_hat, drawn afresh at every call: the text encoding of uniformly random token ids

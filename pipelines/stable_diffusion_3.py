@@ -168,9 +168,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return GuidedPipelineOutput(images=image, nfe=sum(nfe_per_image) / len(nfe_per_image),
-                                    nfe_per_image=nfe_per_image, guidance_state=state, guidance=guide.to_dict(),
-                                    sampler=sampler or "auto")
+        return self.guided_output(image, nfe_per_image, state, guide, sampler)
 
     def stock_skip_layer_guidance(self, guidance: GuidanceSpec, guidance_scale: float | None, layers: list[int],
                                   scale: float, start: float, stop: float, num_steps: int) -> SLG:

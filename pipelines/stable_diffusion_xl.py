@@ -137,7 +137,6 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                               "negative_pooled_prompt_embeds": ("uncond", "text_embeds"),
                               "add_time_ids": ("cond", "time_ids"),
                               "negative_add_time_ids": ("uncond", "time_ids")})
-        mean_nfe = sum(nfe_per_image) / len(nfe_per_image)
         if output_type == "latent":
             image = latents
         else:
@@ -145,8 +144,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return GuidedPipelineOutput(images=image, nfe=mean_nfe, nfe_per_image=nfe_per_image,
-                                    guidance_state=state, guidance=guide.to_dict(), sampler=sampler or "auto")
+        return self.guided_output(image, nfe_per_image, state, guide, sampler)
 
     def _prompt_branches(self, *, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, negative_branch,
