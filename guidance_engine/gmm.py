@@ -203,3 +203,19 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float = 1.0, chunk: int = 2
         return total / (a.shape[0] * c.shape[0])
 
     return mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2 * mean_kernel(x, y, False)
+
+
+def wasserstein1_1d(samples: torch.Tensor, log_density: Callable[[torch.Tensor], torch.Tensor], limit: float,
+                    points: int = 24001, weights: torch.Tensor | None = None) -> float:
+    """W1 distance between 1-D ``samples`` (optionally ``weights``, normalised here) and the density
+    exp(log_density) normalised on [-limit, limit]: the integral of |F_samples - F_target| on a
+    grid of ``points`` (samples beyond the grid count at its ends)."""
+    grid = torch.linspace(-limit, limit, points, dtype=torch.float64)
+    target_cdf = torch.softmax(log_density(grid[:, None]), 0).cumsum(0)
+    x = samples.double().reshape(-1)
+    w = torch.ones_like(x) if weights is None else weights.double().reshape(-1)
+    order = x.argsort()
+    cdf = (w[order] / w.sum()).cumsum(0)
+    below = torch.searchsorted(x[order], grid, right=True)  # samples <= each grid point
+    sample_cdf = torch.where(below > 0, cdf[(below - 1).clamp_min(0)], torch.zeros_like(grid))
+    return float((sample_cdf - target_cdf).abs().sum() * (grid[1] - grid[0]))

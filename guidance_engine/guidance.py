@@ -155,8 +155,15 @@ class Guidance:
     #: True when the method renoises with another prediction than it denoises with (CFG++):
     #: the core must then use its own steps, not a diffusers scheduler's ``step``.
     renoise_split: ClassVar[bool] = False
-    #: The scale at which the method is the conditional prediction alone (1 for CFG, 0 for CFG++).
+    #: The scale at which the method adds no guidance of its own: where ``schedule`` starts, and
+    #: what :meth:`scale_at` returns outside the interval. 1 for CFG-like methods (the conditional
+    #: prediction alone); 0 for CFG++ (lambda = 0: denoise and renoise with the *unconditional*
+    #: prediction) and for GFCG (its own weight off: CFG at ``cfg_scale``). Outside the interval
+    #: every method uses the conditional prediction alone, whatever this value.
     neutral_scale: ClassVar[float] = 1.0
+    #: True when the method needs fresh noise at every step (resampled particles must separate):
+    #: the core refuses deterministic solvers before the first model call.
+    requires_stochastic_sampler: ClassVar[bool] = False
 
     scale: float = 1.0
     schedule: str = param("constant", choices=SCHEDULES, doc="shape of the strength over the run")
@@ -173,6 +180,23 @@ class Guidance:
             raise ValueError(f"{self.name}: sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
         if self.start > self.stop:
             raise ValueError(f"{self.name}: start ({self.start}) must not exceed stop ({self.stop})")
+        self._check_schedule_range()
+
+    def _check_schedule_range(self) -> None:
+        """The linear and cosine schedules run the scale from ``neutral_scale`` towards
+        ``2 scale - neutral_scale`` (their mean is ``scale``): both ends must lie in the range
+        accepted for ``scale``, so that no step runs outside it."""
+        if getattr(self, "schedule", "constant") == "constant":
+            return
+        meta = next((f.metadata for f in dataclasses.fields(self) if f.name == "scale"), {})
+        low, high = meta.get("low"), meta.get("high")
+        peak = 2.0 * self.scale - self.neutral_scale
+        if (low is not None and min(peak, self.neutral_scale) < low) or \
+                (high is not None and max(peak, self.neutral_scale) > high):
+            raise ValueError(
+                f"{self.name}: schedule {self.schedule!r} runs parameter 'scale' from {self.neutral_scale:g} to "
+                f"{peak:g} (twice its mean {self.scale:g} minus {self.neutral_scale:g}), outside the accepted "
+                f"{describe_range(meta)}; lower 'scale' or use schedule 'constant'")
 
     def _check(self, name: str, value: Any, meta: Mapping[str, Any]) -> None:
         if "low" not in meta or (value is None and meta.get("optional")):
@@ -233,6 +257,23 @@ class Guidance:
 
     def init_state(self, batch_size: int, device: torch.device) -> Any:
         """Per-run state (None for stateless methods); created by the core for every call."""
+        return None
+
+    # -- particles (SMC methods) --------------------------------------------------------------
+    def group_size(self) -> int:
+        """Rows per output image: a particle method (FKC) runs every image as a group of this many
+        consecutive rows that it reweights and resamples together; 1 for every other method."""
+        return 1
+
+    @property
+    def requires_noise_start(self) -> bool:
+        """True when the method's weights assume the run starts from the prior (pure noise), so
+        that img2img and inpainting, which start from a noised image, must be refused."""
+        return False
+
+    def output_rows(self, state: Any) -> torch.Tensor | None:
+        """The row of each group returned as the group's image (None: every row is an image).
+        Called once at the end of a run with the method's final state."""
         return None
 
     def branches(self, step: StepInfo, state: Any) -> tuple[str, ...] | dict[str, torch.Tensor | None]:

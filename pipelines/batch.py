@@ -172,7 +172,7 @@ def _units(specs: Sequence[PromptSpec], per_prompt: int, base_seed: int) -> list
     for spec in specs:
         requested = resolve_guidance(spec.guidance)
         effective = GuidedPipelineMixin.for_prompts(requested, spec.negative_prompt, None)
-        size = int(getattr(effective, "particles", 1) or 1)
+        size = effective.group_size()
         if per_prompt % size:
             raise ValueError(f"--per-prompt: {effective.name} couples groups of {size} images ('particles'); "
                              f"--per-prompt must be a multiple of {size}, got {per_prompt} "

@@ -4,6 +4,7 @@ UNet, the callback adapter, and the call into the sampler core. Pipelines stay t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -25,6 +26,8 @@ from .attention_probe import recorded_attention
 from .perturbation import perturbed_layers, resolve_layers
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
+#: What a particle method returns: one image per group drawn by the final weights, or every particle.
+PARTICLE_OUTPUTS: tuple[str, ...] = ("draw", "all")
 
 
 @dataclass
@@ -338,8 +341,8 @@ class GuidedPipelineMixin:
                 start: ImageInput | None = None, **core_kwargs: Any) -> tuple[torch.Tensor, list[int], Any]:
         """Draw the initial noise and run the core; returns (latents to decode, NFEs per output
         image, the method's final state). With a particle method every image becomes a group of
-        K consecutive rows (conditions, noise, generators, the input image), and "best" keeps one
-        per group; ``latents`` may then hold one row per image (repeated) or one per particle.
+        K consecutive rows (conditions, noise, generators, the input image), and "draw" keeps one
+        per group (the method's ``output_rows``); ``latents`` may then hold one row per image (repeated) or one per particle.
         ``start``: the input image of img2img / inpainting, encoded here before the noise is
         drawn (the stock pipelines' order of draws from ``generator``)."""
         if isinstance(generator, list) and len(generator) != shape[0]:
@@ -364,7 +367,7 @@ class GuidedPipelineMixin:
         result = self._run_core(branches, noise, guide, generator=generator, image=image, **core_kwargs)
         if particles == 1:
             return result.x, result.nfe_per_sample, result.state
-        x, nfe_per_image = self.select_particles(result, particles, particle_output)
+        x, nfe_per_image = self.select_particles(result, guide, particle_output)
         return x, nfe_per_image, result.state
 
     def image_to_latents(self, pixels: torch.Tensor, generator) -> torch.Tensor:
@@ -384,9 +387,18 @@ class GuidedPipelineMixin:
         return retrieve_latents(self.vae.encode(pixels), generator=generator)
 
     @staticmethod
-    def check_particle_output(particle_output: str) -> None:
-        if particle_output not in ("best", "all"):
-            raise ValueError(f"particle_output: must be 'best' or 'all', got {particle_output!r}")
+    def check_particle_output(particle_output: str) -> str:
+        """The output rule of a particle method: "draw" (one image per group, drawn by the final
+        normalised weights) or "all" (every particle). "best", the old name, means "draw"."""
+        if particle_output == "best":
+            warnings.warn("particle_output='best' is now called 'draw': one particle per group drawn by its "
+                          "final weight (a fair draw from the weighted population, not an argmax)",
+                          FutureWarning, stacklevel=3)
+            return "draw"
+        if particle_output not in PARTICLE_OUTPUTS:
+            raise ValueError(f"particle_output: must be one of {', '.join(map(repr, PARTICLE_OUTPUTS))}, "
+                             f"got {particle_output!r}")
+        return particle_output
 
     def _run_core(self, branches: UNetBranches, noise: torch.Tensor, guidance: Guidance, *, sampler: str | None,
                     num_inference_steps: int, timesteps, sigmas, eta: float | None, generator,
@@ -435,8 +447,8 @@ class GuidedPipelineMixin:
 
     @staticmethod
     def particle_count(guide: Guidance) -> int:
-        """Particles per image: FKC's ``particles`` (each image is a group of K particles), else 1."""
-        return int(getattr(guide, "particles", 1) or 1)
+        """Rows per image: a particle method's group size (each image is a group of K particles), else 1."""
+        return guide.group_size()
 
     @staticmethod
     def repeat_for_particles(branches: UNetBranches, generator, k: int):
@@ -450,11 +462,13 @@ class GuidedPipelineMixin:
         return generator
 
     @staticmethod
-    def select_particles(result: SampleResult, k: int, particle_output: str) -> tuple[torch.Tensor, list[int]]:
+    def select_particles(result: SampleResult, guide: Guidance, particle_output: str
+                         ) -> tuple[torch.Tensor, list[int]]:
         """The latents to decode and each output image's NFE count (its whole group's work)."""
+        k = guide.group_size()
         per_image = [sum(result.nfe_per_sample[i:i + k]) for i in range(0, len(result.nfe_per_sample), k)]
         if particle_output == "all":
             return result.x, [n for n in per_image for _ in range(k)]
-        from guidance_engine.methods.fkc import best_particles
-        return best_particles(result.x, result.state), per_image
+        rows = guide.output_rows(result.state)
+        return result.x[rows.to(result.x.device)], per_image
 

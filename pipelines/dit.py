@@ -145,7 +145,7 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
         eta: float | None = None,
-        particle_output: str = "best",
+        particle_output: str = "draw",
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock style)
         gfcg_classifier=None,
@@ -174,7 +174,7 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
         from .guide_classifier import attach_dit_gfcg
 
         ids = self.class_ids(class_labels)
-        self.check_particle_output(particle_output)
+        particle_output = self.check_particle_output(particle_output)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type: must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         guide = self.resolve_guidance(guidance, guidance_scale)

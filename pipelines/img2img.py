@@ -52,7 +52,7 @@ class GuidedStableDiffusionImg2ImgPipeline(GuidedStableDiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
-        particle_output: str = "best",
+        particle_output: str = "draw",
         latents: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:

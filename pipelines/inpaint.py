@@ -128,7 +128,7 @@ class GuidedStableDiffusionInpaintPipeline(GuidedStableDiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
-        particle_output: str = "best",
+        particle_output: str = "draw",
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:
         """Repaint the white region of ``mask_image`` in ``image`` following ``prompt``. Arguments

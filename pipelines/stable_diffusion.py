@@ -57,7 +57,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
-        particle_output: str = "best",
+        particle_output: str = "draw",
         product_prompt: str | list[str] | None = None,
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:
@@ -73,9 +73,10 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
                 scheduler, or the solver mirroring it when the method needs one (CFG++).
             eta: DDIM's eta in [0, 1] (DDIM scheduler or sampler "ddim").
             particle_output: with a particle method (FKC, ``particles`` K > 1) every image is a
-                group of K particles: "best" returns the highest-weighted particle of each group,
-                "all" every particle (K images per image, consecutive). ``nfe`` counts the work
-                of a whole group.
+                group of K particles: "draw" (default) returns one particle of each group drawn
+                by its final normalised weight (distributed like the weighted population; "best",
+                the old name, means the same), "all" every particle (K images per image,
+                consecutive). ``nfe`` counts the work of a whole group.
             product_prompt: a second prompt for product-of-experts targets (FKC
                 ``target="product"`` samples from (p(x|prompt) p(x|product_prompt))^b).
             reference_unet: (keyword) autoguidance's reference network, a weaker UNet taking the
@@ -115,7 +116,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           None, None, callback_on_step_end_tensor_inputs)
-        self.check_particle_output(particle_output)
+        particle_output = self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
                                  negative_prompt, negative_prompt_embeds)
         if prompt is not None:

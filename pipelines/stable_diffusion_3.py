@@ -79,7 +79,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
         eta: float | None = None,
-        particle_output: str = "best",
+        particle_output: str = "draw",
         skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_stop: float = 0.2,
@@ -115,7 +115,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
-        self.check_particle_output(particle_output)
+        particle_output = self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale), negative_prompt, negative_prompt_embeds)
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)

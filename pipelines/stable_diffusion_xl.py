@@ -62,7 +62,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
         guidance: GuidanceSpec = None,
         sampler: str | None = None,
-        particle_output: str = "best",
+        particle_output: str = "draw",
         **kwargs: Any,
     ) -> GuidedPipelineOutput | tuple:
         """Generate images. Arguments are the stock SDXL pipeline's (``denoising_end`` and
@@ -95,7 +95,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
                           callback_on_step_end_tensor_inputs)
-        self.check_particle_output(particle_output)
+        particle_output = self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
                                  negative_prompt, negative_prompt_embeds)
         if prompt is not None:

@@ -65,7 +65,7 @@ def invert(model: BranchModel, clean: torch.Tensor, guidance: Guidance, *, sched
         raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if getattr(guidance, "requires_stochastic_sampler", False) or int(getattr(guidance, "particles", 1) or 1) > 1:
+    if guidance.requires_stochastic_sampler or guidance.group_size() > 1:
         raise ValueError(f"guidance: method {guidance.name!r} samples with particles and has no inversion; "
                          "use cfg or cfgpp")
     source = scheduler if is_flow_scheduler(scheduler) else fresh_scheduler(DDIMScheduler, scheduler.config)

@@ -246,9 +246,14 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta: must be in [0, 1], got {eta!r}")
     sampler = resolve_sampler(sampler, guidance, scheduler)
-    if getattr(guidance, "requires_stochastic_sampler", False) and not _stochastic(sampler, eta, scheduler):
+    if guidance.requires_stochastic_sampler and not _stochastic(sampler, eta, scheduler):
         raise ValueError(f"sampler: method {guidance.name!r} needs a stochastic sampler (euler_ancestral, or ddim "
                          f"with eta > 0), got sampler {sampler!r} with eta {eta!r}")
+    if image is not None and guidance.requires_noise_start and \
+            not (image.strength == 1.0 and image.pure_noise_at_full_strength):
+        raise ValueError(f"guidance: method {guidance.name!r} with these parameters weights its samples against "
+                         f"the prior (pure noise), but this run starts from a noised image (img2img or "
+                         f"inpainting, strength {image.strength}); use it for text-to-image only")
     if not bool(torch.isfinite(noise).all()):
         raise NonFiniteLatentsError("the initial latents contain NaN/inf (check `latents=`)")
     set_kwargs = dict(set_timesteps_kwargs or {})

@@ -75,6 +75,42 @@ def test_interval_and_schedules() -> None:
         assert sum(scales) / len(scales) == pytest.approx(5.0, abs=0.01)  # mean-preserving
 
 
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_every_schedule_keeps_every_scale_inside_its_accepted_range(name, schedule, tmp_path) -> None:
+    """A shaped schedule runs the scale from the neutral value to 2 scale - neutral: a scale whose
+    end would leave the accepted range is refused up front; an accepted one stays inside it at
+    every step (CFG++ at lambda 0.6, linear, would have reached 1.14 > 1)."""
+    spec = {"name": name}
+    if name == "linear_ag":  # needs a calibration directory to exist
+        from guidance_engine.methods.linear_ag import save_calibration
+
+        save_calibration(tmp_path, torch.zeros(4, 4), {"num_steps": 4, "window": 0.5, "period": 0,
+                                                       "predicted_steps": []})
+        spec["calibration"] = str(tmp_path)
+    base = resolve_guidance(spec)
+    cls = type(base)
+    meta = next((f.metadata for f in cls.parameters() if f.name == "scale"), {})
+    choices = next(f.metadata.get("choices") for f in cls.parameters() if f.name == "schedule")
+    if schedule not in (choices or ()) or meta.get("high") is None:
+        pytest.skip(f"{name} has no {schedule!r} schedule")
+    low, high, neutral = meta["low"], meta["high"], cls.neutral_scale
+    too_high = (high + neutral) / 2 + 0.01
+    with pytest.raises(ValueError, match=rf"{name}: schedule '{schedule}' runs parameter 'scale' from .* outside "
+                                         rf"the accepted \["):
+        base.new(scale=too_high, schedule=schedule)
+    method = base.new(scale=(high + neutral) / 2, schedule=schedule)
+    scales = [method.scale_at(_step(i, 50)) for i in range(50)]
+    assert all(low <= s <= high for s in scales), (min(scales), max(scales))
+
+
+def test_cfgpp_linear_schedule_at_its_readme_scale_is_refused_with_the_range() -> None:
+    with pytest.raises(ValueError, match=r"cfgpp: schedule 'linear' runs parameter 'scale' from 0 to 1.2 .* "
+                                         r"outside the accepted \[0, 1\]"):
+        CFGPlusPlus(scale=0.6, schedule="linear")
+    assert max(CFGPlusPlus(scale=0.5, schedule="linear").scale_at(_step(i, 20)) for i in range(20)) <= 1.0
+
+
 # -- CFG and rescale ---------------------------------------------------------------------------
 
 def test_cfg_is_diffusers_formula_bit_for_bit() -> None:
@@ -92,6 +128,16 @@ def test_rescale_matches_diffusers_and_phi_zero_is_identity() -> None:
     torch.testing.assert_close(rescale(g, c, 0.7), rescale_noise_cfg(g, c, 0.7), rtol=0, atol=0)
     out = CFG(scale=7.5, rescale=0.7).combine(preds, _step(), None).denoise.output
     torch.testing.assert_close(out, rescale_noise_cfg(g, c, 0.7), rtol=0, atol=0)
+
+
+def test_rescale_of_a_constant_guided_output_stays_finite() -> None:
+    """A sample whose guided output is constant (std 0) is left unscaled, not divided by 0."""
+    c = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = c.clone()
+    g[1] = 0.25  # constant
+    out = rescale(g, c, 0.7)
+    assert torch.isfinite(out).all() and torch.equal(out[1], g[1])
+    torch.testing.assert_close(out[:1], rescale_noise_cfg(g[:1], c[:1], 0.7), rtol=0, atol=0)
 
 
 def test_cfg_at_scale_one_needs_only_the_conditional_branch() -> None:

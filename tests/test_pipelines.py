@@ -184,9 +184,20 @@ def test_fkc_particles_through_the_pipeline(sd_pair) -> None:
                         particle_output="all")
     assert everything.images.shape[0] == 6
     weights = everything.guidance_state.log_weights.view(2, 3)
-    # "best" is the highest-weighted particle of each group of the same run
-    picked = everything.images.view(2, 3, *everything.images.shape[1:])[torch.arange(2), weights.argmax(1)]
+    # the default output is the particle of each group of the same run drawn by its final weight,
+    # from the output stream of the method's seed
+    from guidance_engine.methods.fkc import draw_by_weight, output_seed
+
+    chosen = draw_by_weight(weights, torch.Generator().manual_seed(output_seed(0)))
+    picked = everything.images.view(2, 3, *everything.images.shape[1:])[torch.arange(2), chosen]
     assert torch.equal(picked, best.images)
+    with pytest.warns(FutureWarning, match="particle_output='best' is now called 'draw'"):
+        old_name = guided([PROMPT, "two blue squares"], num_inference_steps=4, guidance=fkc,
+                          sampler="euler_ancestral", generator=[seeded(1), seeded(2)], output_type="latent",
+                          particle_output="best")
+    assert torch.equal(old_name.images, best.images)
+    with pytest.raises(ValueError, match=r"particle_output: must be one of 'draw', 'all', got 'first'"):
+        guided(PROMPT, num_inference_steps=2, guidance=fkc, sampler="euler_ancestral", particle_output="first")
     with pytest.raises(ValueError, match="needs a stochastic sampler"):
         guided(PROMPT, num_inference_steps=2, guidance=fkc, sampler="ddim")
 

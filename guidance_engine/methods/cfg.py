@@ -23,11 +23,15 @@ from ..registry import register
 
 
 def rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
-    """Lin et al.'s std rescale of ``guided`` towards the std of ``cond`` by the fraction ``phi``."""
+    """Lin et al.'s std rescale of ``guided`` towards the std of ``cond`` by the fraction ``phi``.
+
+    A sample whose guided output is constant (std 0) has no spread to rescale: it is left as it is
+    (diffusers divides by the 0 and returns inf/NaN)."""
     dims = list(range(1, guided.ndim))
     std_cond = cond.std(dim=dims, keepdim=True)
     std_guided = guided.std(dim=dims, keepdim=True)
-    rescaled = guided * (std_cond / std_guided)
+    ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
+    rescaled = guided * ratio
     return phi * rescaled + (1 - phi) * guided
 
 

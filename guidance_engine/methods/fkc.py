@@ -19,17 +19,31 @@ after the step. It does not depend on the SDE's noise level: any DDIM(eta) step 
 FKC needs a stochastic sampler (``requires_stochastic_sampler``; the core refuses eta = 0).
 The x-independent (B - 1) div f term cancels in the normalised weights; for B != 1 (anneal,
 product) the prior mismatch N(0, I) vs N(0, I)^B is corrected at the first step by
--(B - 1) ||x_T||^2 / 2 (x_T the model input, unit variance at the start of VP and flow schedules).
+-(B - 1) ||x_T||^2 / 2 (x_T the model input, unit variance at the start of VP and flow schedules;
+never centred or clamped by the stabilisers below).
 
 Resampling: within each group of ``particles`` consecutive rows, systematic (default) or
 multinomial, with probabilities prop. to exp(accumulated log-weights); log-weights reset to 0 after
 a resample. Weights accumulate only inside the active interval [resample_sigma_min,
-resample_sigma_max] in sigma (paper: outside it no reweighting), never on the final step to sigma 0
-(as the official code). Trigger: every ``every`` steps (the paper: every step) or, with
+resample_sigma_max] in sigma (paper: outside it no reweighting), never on the run's last step,
+whatever level it ends at (the official code: every step but the last; a DDIM schedule with
+``set_alpha_to_one=False`` ends at sigma 0.029, not 0). The prior correction of B != 1 targets is
+the particles' initial weight: added at the run's first step whatever the interval, kept until
+the first resample; such targets need a run from pure noise (``requires_noise_start``: img2img is
+refused before any model call, its start is not the prior).
+
+Trigger: every ``every`` steps (the paper: every step) or, with
 ``trigger="ess"``, a group is resampled when its ESS / K falls below ``ess_threshold``. The official
 code's stabilisers (increments centred by the mean, then clamped to [-1, 1] Euler / [-2, 2] Heun)
 are ``clamp=1`` / ``clamp=2`` (centred by the group mean); off by default, as in the paper.
-Resampling randomness comes from a generator seeded with ``seed``, created per run in the state.
+Resampling randomness comes from a generator seeded with ``seed``, created per run in the state;
+the output draw from a second stream derived from ``seed``.
+
+Output (:meth:`FKC.output_rows`): one particle per group drawn by the final normalised weights,
+with its own seeded uniform per group, so that the returned image is distributed like the
+weighted population for either trigger and any interval (after a resample the weights are equal
+and the draw is uniform; an argmax would always return row 0, the ancestor covering the first
+1/K of the weights' CDF).
 """
 
 from __future__ import annotations
@@ -93,6 +107,22 @@ def multinomial_resample(log_weights: torch.Tensor, generator: torch.Generator |
     return torch.multinomial(w, log_weights.shape[1], replacement=True, generator=generator)
 
 
+def draw_by_weight(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``log_weights`` (G, K), drawn with probabilities softmax(log w) by
+    inverse CDF with one uniform per row (equal weights: a uniform draw among the K)."""
+    w = torch.softmax(log_weights.double().cpu(), dim=1)
+    cdf = w.cumsum(1)
+    cdf[:, -1] = 1.0
+    u = torch.rand(log_weights.shape[0], 1, generator=generator, dtype=torch.float64)
+    return torch.searchsorted(cdf, u, right=True).view(-1).clamp_max(log_weights.shape[1] - 1)
+
+
+def output_seed(seed: int) -> int:
+    """The seed of the output draw's stream: a fixed odd-multiplier hash of ``seed`` (mod 2^63), so
+    that it is not the resampling stream's first uniforms."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+
+
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
     """ESS = 1 / sum w^2 of each row's normalised weights (K for equal weights, 1 for one particle)."""
     w = torch.softmax(log_weights.double(), dim=-1)
@@ -109,20 +139,22 @@ class FKCState:
     log_weights: torch.Tensor
     ancestors: torch.Tensor
     generator: torch.Generator
+    output_generator: torch.Generator
     particles: int
     since_resample: int = 0
     resamples: int = 0
+    started: bool = False  # the first step (the prior correction) has been weighted
 
 
-def best_particles(x: torch.Tensor, state: FKCState) -> torch.Tensor:
-    """The particle of highest final log-weight in each group: (B/K, ...) from ``x`` (B, ...).
+def draw_particles(x: torch.Tensor, state: FKCState) -> torch.Tensor:
+    """One particle per group, drawn by its final normalised weight: (B/K, ...) from ``x`` (B, ...).
 
-    After a resample all weights of a group are equal and the first particle is returned (any
-    particle is then a draw from the weighted population)."""
+    Consumes the state's output stream: call it once per run (the pipelines do, through
+    :meth:`FKC.output_rows`)."""
     k = state.particles
     groups = x.shape[0] // k
-    best = state.log_weights.view(groups, k).argmax(1).to(x.device)
-    return x.view(groups, k, *x.shape[1:])[torch.arange(groups, device=x.device), best]
+    chosen = draw_by_weight(state.log_weights.view(groups, k), state.output_generator)
+    return x[(torch.arange(groups) * k + chosen).to(x.device)]
 
 
 # -- the method -------------------------------------------------------------------------------
@@ -134,7 +166,7 @@ class FKC(Guidance):
 
     name: ClassVar[str] = "fkc"
     paper: ClassVar[str] = "Skreta et al., Feynman-Kac Correctors in Diffusion, ICML 2025 (arXiv 2503.02819)"
-    #: The pipeline/loop must refuse deterministic solvers (DDIM eta=0, Euler, DPM++ 2M).
+    #: Resampled copies of a particle separate only with fresh noise at every step.
     requires_stochastic_sampler: ClassVar[bool] = True
 
     scale: float = param(1.4, low=0.0, high=100.0, doc="b: exponent of p_c (1 = no guidance); paper image preset 1.4")
@@ -175,7 +207,24 @@ class FKC(Guidance):
                              f"'particles' ({self.particles}); rows [g*K, (g+1)*K) form one group")
         return FKCState(log_weights=torch.zeros(batch_size, dtype=torch.float32, device=device),
                         ancestors=torch.arange(batch_size, device=device),
-                        generator=torch.Generator("cpu").manual_seed(self.seed), particles=self.particles)
+                        generator=torch.Generator("cpu").manual_seed(self.seed),
+                        output_generator=torch.Generator("cpu").manual_seed(output_seed(self.seed)),
+                        particles=self.particles)
+
+    # -- particles and the output -----------------------------------------------------------------
+    def group_size(self) -> int:
+        return self.particles
+
+    @property
+    def requires_noise_start(self) -> bool:
+        """B != 1 targets correct the prior N(0, I) to N(0, I)^B: only a run from pure noise has it."""
+        return sum(self.exponents(self.scale).values()) != 1.0
+
+    def output_rows(self, state: FKCState) -> torch.Tensor:
+        """The row of each group to return: one particle drawn by the final normalised weights."""
+        k = state.particles
+        groups = state.log_weights.shape[0] // k
+        return torch.arange(groups) * k + draw_by_weight(state.log_weights.view(groups, k), state.output_generator)
 
     def required_branches(self) -> set[str]:
         return {"cond", "cond2"} if self.target == "product" else ({"cond"} if self.target == "anneal"
@@ -222,23 +271,29 @@ class FKC(Guidance):
 
     def after_step(self, x: torch.Tensor, preds: Mapping[str, Prediction], guided: GuidedPrediction,
                    step: StepInfo, state: FKCState) -> torch.Tensor | None:
-        inside = self.resample_sigma_min <= step.sigma <= self.resample_sigma_max and step.sigma_next > 0
-        if not inside:
-            return None
         k, rows = state.particles, x.shape[0]
         groups = rows // k
-        inc = self.increment(preds, step)
-        if step.index == 0:
-            total = sum(self.exponents(self.scale_at(step)).values())
-            if total != 1.0:  # prior N(0, I) -> target N(0, I)^B at the start
+        prior = None
+        if not state.started:
+            state.started = True
+            total = sum(self.exponents(self.scale).values())
+            if total != 1.0:  # the particles' initial weight: prior N(0, I) -> target N(0, I)^B
                 prior = -0.5 * (total - 1.0) * _sq_norm(preds["cond"].x)
-                inc = prior if inc is None else inc + prior
+        last = step.index == step.num_steps - 1
+        inside = self.resample_sigma_min <= step.sigma <= self.resample_sigma_max and not last
+        if not inside:
+            if prior is not None:  # kept in the weights until the first weighted step resamples
+                state.log_weights = state.log_weights + prior.float().to(state.log_weights.device)
+            return None
+        inc = self.increment(preds, step)
         if inc is not None:
             inc = inc.float().to(state.log_weights.device)
-            if math.isfinite(self.clamp):  # the official code's stabilisers
+            if math.isfinite(self.clamp):  # the official code's stabilisers (on increments, not the prior)
                 inc = inc.view(groups, k)
                 inc = (inc - inc.mean(1, keepdim=True)).clamp(-self.clamp, self.clamp).reshape(rows)
             state.log_weights = state.log_weights + inc
+        if prior is not None:
+            state.log_weights = state.log_weights + prior.float().to(state.log_weights.device)
         state.since_resample += 1
         lw = state.log_weights.view(groups, k)
         uneven = (lw.max(1).values - lw.min(1).values) > 0  # equal weights: nothing to resample
