@@ -342,7 +342,8 @@ class GuidedPipelineMixin:
         """Draw the initial noise and run the core; returns (latents to decode, NFEs per output
         image, the method's final state). With a particle method every image becomes a group of
         K consecutive rows (conditions, noise, generators, the input image), and "draw" keeps one
-        per group (the method's ``output_rows``); ``latents`` may then hold one row per image (repeated) or one per particle.
+        per group (the method's ``output_rows``); ``latents`` may then hold one row per image
+        (repeated) or one per particle.
         ``start``: the input image of img2img / inpainting, encoded here before the noise is
         drawn (the stock pipelines' order of draws from ``generator``)."""
         if isinstance(generator, list) and len(generator) != shape[0]:
