@@ -164,6 +164,8 @@ class Guidance:
     #: True when the method needs fresh noise at every step (resampled particles must separate):
     #: the core refuses deterministic solvers before the first model call.
     requires_stochastic_sampler: ClassVar[bool] = False
+    #: The parameters that ``schedule`` shapes (each checked to stay in its range at every step).
+    shaped_scales: ClassVar[tuple[str, ...]] = ("scale",)
 
     scale: float = 1.0
     schedule: str = param("constant", choices=SCHEDULES, doc="shape of the strength over the run")
@@ -183,20 +185,22 @@ class Guidance:
         self._check_schedule_range()
 
     def _check_schedule_range(self) -> None:
-        """The linear and cosine schedules run the scale from ``neutral_scale`` towards
-        ``2 scale - neutral_scale`` (their mean is ``scale``): both ends must lie in the range
-        accepted for ``scale``, so that no step runs outside it."""
+        """The linear and cosine schedules run a scale from ``neutral_scale`` towards
+        ``2 scale - neutral_scale`` (their mean is the scale): both ends of every scale the
+        schedule shapes (``shaped_scales``) must lie in its accepted range, so no step leaves it."""
         if getattr(self, "schedule", "constant") == "constant":
             return
-        meta = next((f.metadata for f in dataclasses.fields(self) if f.name == "scale"), {})
-        low, high = meta.get("low"), meta.get("high")
-        peak = 2.0 * self.scale - self.neutral_scale
-        if (low is not None and min(peak, self.neutral_scale) < low) or \
-                (high is not None and max(peak, self.neutral_scale) > high):
-            raise ValueError(
-                f"{self.name}: schedule {self.schedule!r} runs parameter 'scale' from {self.neutral_scale:g} to "
-                f"{peak:g} (twice its mean {self.scale:g} minus {self.neutral_scale:g}), outside the accepted "
-                f"{describe_range(meta)}; lower 'scale' or use schedule 'constant'")
+        metadata = {f.name: f.metadata for f in dataclasses.fields(self)}
+        for name in self.shaped_scales:
+            meta, value = metadata.get(name, {}), getattr(self, name)
+            low, high = meta.get("low"), meta.get("high")
+            peak = 2.0 * value - self.neutral_scale
+            if (low is not None and min(peak, self.neutral_scale) < low) or \
+                    (high is not None and max(peak, self.neutral_scale) > high):
+                raise ValueError(
+                    f"{self.name}: schedule {self.schedule!r} runs parameter '{name}' from {self.neutral_scale:g} "
+                    f"to {peak:g} (twice its mean {value:g} minus {self.neutral_scale:g}), outside the accepted "
+                    f"{describe_range(meta)}; lower '{name}' or use schedule 'constant'")
 
     def _check(self, name: str, value: Any, meta: Mapping[str, Any]) -> None:
         if "low" not in meta or (value is None and meta.get("optional")):

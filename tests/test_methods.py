@@ -102,6 +102,12 @@ def test_every_schedule_keeps_every_scale_inside_its_accepted_range(name, schedu
     method = base.new(scale=(high + neutral) / 2, schedule=schedule)
     scales = [method.scale_at(_step(i, 50)) for i in range(50)]
     assert all(low <= s <= high for s in scales), (min(scales), max(scales))
+    for other in cls.shaped_scales[1:]:  # a second shaped scale (APG-mix's apg_scale, FDG's scale_low)
+        with pytest.raises(ValueError, match=rf"runs parameter '{other}' from"):
+            base.new(**{other: too_high}, schedule=schedule)
+        method = base.new(**{other: (high + neutral) / 2}, schedule=schedule)
+        for i in range(50):  # the run re-derives the shaped copy at every step: it must not raise
+            method.branches(_step(i, 50), method.init_state(2, torch.device("cpu")))
 
 
 def test_cfgpp_linear_schedule_at_its_readme_scale_is_refused_with_the_range() -> None:

@@ -47,6 +47,7 @@ class APGMix(Guidance):
     name: ClassVar[str] = "apg_mix"
     paper: ClassVar[str] = ("HunyuanImage 2.1 (Tencent 2025) mixed CFG/APG; APG: Sadat et al., "
                             "Eliminating Oversaturation..., ICLR 2025 (arXiv 2410.02416)")
+    shaped_scales: ClassVar[tuple[str, ...]] = ("scale", "apg_scale")
 
     scale: float = param(3.5, low=0.0, high=100.0, doc="CFG scale s of the first steps (1 = conditional only)")
     apg_scale: float = param(10.0, low=0.0, high=100.0, doc="APG scale w after the switch (CFG convention)")

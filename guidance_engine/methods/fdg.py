@@ -120,6 +120,7 @@ class FDG(Guidance):
 
     name: ClassVar[str] = "fdg"
     paper: ClassVar[str] = "Sadat et al., Guidance in the Frequency Domain Enables High-Fidelity Sampling at Low CFG Scales (arXiv 2506.19713)"
+    shaped_scales: ClassVar[tuple[str, ...]] = ("scale", "scale_low")
 
     scale: float = param(10.0, low=0.0, high=100.0, doc="w_high: scale of the band-pass (detail) levels")
     scale_low: float = param(5.0, low=0.0, high=100.0, doc="w_low: scale of the low-pass level")
