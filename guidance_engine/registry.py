@@ -59,4 +59,10 @@ def resolve_guidance(spec: Guidance | str | Mapping[str, Any], **overrides: Any)
     if unknown:
         raise ValueError(f"guidance: method {name!r} has no parameter(s) {', '.join(unknown)}; "
                          f"its parameters are {', '.join(sorted(allowed))}")
+    from .strict_json import NON_FINITE
+
+    numeric = {f.name for f in cls.parameters() if "low" in f.metadata and f.metadata.get("choices") is None}
+    for key, value in params.items():  # strict JSON writes inf as "inf" (manifests, PNG metadata)
+        if key in numeric and isinstance(value, str) and value in NON_FINITE:
+            params[key] = NON_FINITE[value]
     return cls(**params)

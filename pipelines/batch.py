@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from guidance_engine import strict_json
 from guidance_engine.registry import method_names, resolve_guidance
 from guidance_engine.samplers import SAMPLER_NAMES
 
@@ -59,7 +60,7 @@ def image_name(prompt_index: int, image_index: int) -> str:
 
 def _canonical(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, ...)."""
-    return json.loads(json.dumps(value, default=str))
+    return json.loads(strict_json.dumps(value))
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return json.dumps([self.guidance, self.spec.negative_prompt is None], sort_keys=True, default=str)
+        return strict_json.dumps([self.guidance, self.spec.negative_prompt is None], sort_keys=True)
 
     @property
     def coupled(self) -> bool:
@@ -277,7 +278,7 @@ class _ShardWriter:
         self.handle = open(path, "a", encoding="utf-8")
 
     def write(self, entry: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(entry, default=str) + "\n")
+        self.handle.write(strict_json.dumps(entry) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
@@ -295,7 +296,7 @@ def merge_manifest(out: str | os.PathLike) -> Path:
     tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         for entry in entries:
-            handle.write(json.dumps(entry, default=str) + "\n")
+            handle.write(strict_json.dumps(entry) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, target)

@@ -26,11 +26,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.guidance import describe_range  # noqa: E402
 from guidance_engine.registry import method_class, method_names, resolve_guidance  # noqa: E402
 from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
 
 from .batch import add_batch_parser  # noqa: E402
+from .cli_checks import (check_device, check_eta, check_int, check_model_directory, check_outputs,  # noqa: E402
+                         check_seeds, check_size, check_steps)
 from .cli_image import add_image_parsers  # noqa: E402
 from .demo_cli import add_demo_parser  # noqa: E402
 from .models import DIT_SHORTHAND, generate_from_prompts, is_class_conditional, refuse_text_options  # noqa: E402
@@ -60,7 +63,7 @@ def atomic_save_png(image, path: Path, metadata: dict[str, Any]) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("guidance-engine", json.dumps(metadata, default=str))
+    info.add_text("guidance-engine", strict_json.dumps(metadata))  # strict: inf as "inf"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -99,10 +102,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.scale is not None:
         params["scale"] = args.scale
     guidance = resolve_guidance(args.method, **params)  # validates before the model loads
-    if args.steps < 1:
-        raise ValueError(f"--steps: must be an integer >= 1, got {args.steps}")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images: must be an integer >= 1, got {args.num_images}")
+    check_int("--num-images", args.num_images, 1, 1024)
+    check_seeds("--seed", args.seed, args.num_images)
+    check_size("--height", args.height)
+    check_size("--width", args.width)
+    check_eta(args.eta)
+    check_device(args.device)
+    check_model_directory(args.model)
+    check_steps(args.steps, args.model)
+    paths = output_paths(Path(args.output), args.num_images)
+    check_outputs("-o/--output", paths, args.overwrite)
     if is_class_conditional(args.model):  # the prompt is a class: refuse text-only options before loading
         refuse_text_options(**{"--negative-prompt": args.negative_prompt, "--height": args.height,
                                 "--width": args.width})
@@ -117,7 +126,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 width=args.width, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
                                 guidance=guidance, sampler=args.sampler, generator=generators, eta=args.eta)
     seconds = time.perf_counter() - start
-    paths = output_paths(Path(args.output), args.num_images)
     for i, (image, path) in enumerate(zip(out.images, paths)):
         meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance": guidance.to_dict(),
                 "sampler": args.sampler or "auto", "steps": args.steps, "seed": args.seed + i,
@@ -145,6 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import DEFAULT_PROMPTS, evaluate, format_table, plot_metrics
 
     methods = parse_methods(args.methods)
+    check_int("--seeds", args.seeds, 1, 100000)
+    check_device(args.device)
+    check_model_directory(args.model)
+    check_steps(args.steps, args.model)
+    if args.plot:
+        check_outputs("--plot", [Path(args.plot)], overwrite=True)
     if is_class_conditional(args.model):
         raise ValueError(f"--model: eval scores text-to-image models on the evaluation prompts, {args.model!r} is "
                          "class-conditional; measure it with benchmarks/gfcg.py (per-class accuracy, FD, paired "
@@ -163,6 +177,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluation import compare_grid
 
     methods = parse_methods(args.methods)
+    check_int("--seeds", args.seeds, 1, 1024)
+    check_seeds("--seed", args.seed, args.seeds)
+    check_device(args.device)
+    check_model_directory(args.model)
+    check_steps(args.steps, args.model)
+    check_outputs("-o/--output", [Path(args.output)], args.overwrite)
     pipe = _load(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
     path = compare_grid(pipe, args.prompt, methods, range(args.seed, args.seed + args.seeds), args.output,
@@ -234,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     gen.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "triton"),
                      help="attention processor (triton: the project's kernel; falls back to sdpa where it cannot run)")
-    gen.add_argument("-o", "--output", default="out.png")
+    gen.add_argument("-o", "--output", default="out.png", help="PNG file to write (several images: out-0.png, ...)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     gen.set_defaults(func=cmd_generate)
 
     cal = sub.add_parser("calibrate-linear-ag", help="record CFG trajectories and fit LinearAG's coefficients")
@@ -273,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--model", default=None, help=f"as for generate ('{DIT_SHORTHAND}': the class-conditional model; "
                      "the prompt is then a class name)")
     cmp.add_argument("--device", default="cpu")
-    cmp.add_argument("-o", "--output", default="compare.png")
+    cmp.add_argument("-o", "--output", default="compare.png", help="PNG file of the grid")
+    cmp.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
     cmp.set_defaults(func=cmd_compare)
 
     add_image_parsers(sub)

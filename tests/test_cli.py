@@ -38,7 +38,7 @@ def test_errors_name_the_parameter_and_exit_2(tmp_path, capsys) -> None:
     assert main(["generate", "x", "--param", "bogus", "-o", str(tmp_path / "a.png")]) == 2
     assert "--param: expected NAME=VALUE, got 'bogus'" in capsys.readouterr().err
     assert main(["generate", "x", "--steps", "0", "-o", str(tmp_path / "a.png")]) == 2
-    assert "--steps: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "--steps: must be an integer in [1, 1000], got 0" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
 
 

@@ -1,0 +1,109 @@
+"""Bad command-line input is refused before any model loads: exit status 2, one line naming the
+option, its accepted range and the value received, no traceback, nothing written.
+The table of docs/bad-inputs.md is this list (``python tests/test_bad_inputs.py`` prints it)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from guidance_engine.pipelines import cli
+
+# (arguments, text the message must contain); "{tmp}" is the test's empty directory.
+CASES: list[tuple[list[str], str]] = [
+    (["generate", "x", "--width", "0"], "--width: must be an integer in [8, 4096], got 0"),
+    (["generate", "x", "--height", "-64"], "--height: must be an integer in [8, 4096], got -64"),
+    (["generate", "x", "--height", "100000", "--width", "100000"], "--height: must be an integer in [8, 4096], got 100000"),
+    (["generate", "x", "--height", "30"], "--height: must be a multiple of 8 in [8, 4096], got 30"),
+    (["generate", "x", "--seed", "-1"], "--seed: must be an integer in [0, 9223372036854775807], got -1"),
+    (["generate", "x", "--seed", str(2**64)], f"--seed: must be an integer in [0, 9223372036854775807], got {2**64}"),
+    (["generate", "x", "--seed", str(2**63 - 1), "--num-images", "2"], "--seed: seeds 9223372036854775807..9223372036854775808 must stay in"),
+    (["generate", "x", "--num-images", "0"], "--num-images: must be an integer in [1, 1024], got 0"),
+    (["generate", "x", "--steps", "0"], "--steps: must be an integer in [1, 1000], got 0"),
+    (["generate", "x", "--steps", "1001"], "--steps: must be an integer in [1, 1000], got 1001"),
+    (["generate", "x", "--eta", "1.5"], "--eta: must be in [0, 1], got 1.5"),
+    (["generate", "x", "--eta", "-0.1"], "--eta: must be in [0, 1], got -0.1"),
+    (["generate", "x", "--device", "bogus"], "--device: must be one of cpu, cuda, cuda:N, mps, got 'bogus'"),
+    (["generate", "x", "--device", "cuda"], "--device: no CUDA device is available on this machine, got 'cuda'"),
+    (["generate", "x", "--device", "tpu"], "--device: must be one of cpu, cuda, cuda:N, mps, got 'tpu'"),
+    (["generate", "x", "--model", "{tmp}/missing"], "is not a directory"),
+    (["generate", "x", "--model", "{tmp}/empty"], "has no model_index.json"),
+    (["generate", "x", "--model", "{tmp}/truncated"], "unet/diffusion_pytorch_model.safetensors is truncated"),
+    (["generate", "x", "--model", "{tmp}/nounet"], "names component 'unet' in model_index.json but has no unet/ folder"),
+    (["generate", "x", "-o", "{tmp}"], "-o/--output: must name a file, got"),
+    (["generate", "x", "-o", "{tmp}/out.jpg"], "-o/--output: must end in .png"),
+    (["generate", "x", "-o", "{tmp}/exists.png"], "exists; pass --overwrite to replace it"),
+    (["generate", "x", "--num-images", "2", "-o", "{tmp}/pair.png"], "pair-1.png' exists; pass --overwrite"),
+    (["generate", "x", "-o", "{tmp}/readonly/out.png"], "-o/--output: the directory"),
+    (["generate", "x", "-o", "{tmp}/afile.txt/out.png"], "is not a directory, so"),
+    (["generate", "x", "--method", "cfgpp", "--scale", "3"], "cfgpp: parameter 'scale' must be [0, 1], got 3.0"),
+    (["generate", "x", "--method", "cfgpp", "--param", "schedule=linear"], "cfgpp: schedule 'linear' runs parameter 'scale' from 0 to 1.2"),
+    (["generate", "x", "--method", "nope"], "nope"),
+    (["generate", "x", "--param", "bogus"], "--param: expected NAME=VALUE, got 'bogus'"),
+    (["generate", "x", "--method", "fkc", "--param", "particles=0"], "fkc: parameter 'particles' must be [1, 4096], got 0"),
+    (["compare", "x", "--seeds", "0"], "--seeds: must be an integer in [1, 1024], got 0"),
+    (["compare", "x", "--seed", "-5"], "--seed: must be an integer in [0, 9223372036854775807], got -5"),
+    (["compare", "x", "--steps", "0"], "--steps: must be an integer in [1, 1000], got 0"),
+    (["compare", "x", "-o", "{tmp}/grid.gif"], "-o/--output: must end in .png"),
+    (["compare", "x", "-o", "{tmp}/exists.png"], "exists; pass --overwrite to replace it"),
+    (["compare", "x", "--methods", ","], "--methods: expected e.g. 'cfg,apg:scale=10', got ','"),
+    (["compare", "x", "--device", "cuda:3"], "--device: no CUDA device is available on this machine"),
+    (["eval", "--seeds", "-1"], "--seeds: must be an integer in [1, 100000], got -1"),
+    (["eval", "--steps", "5000"], "--steps: must be an integer in [1, 1000], got 5000"),
+    (["eval", "--plot", "{tmp}/plot.svg"], "--plot: must end in .png"),
+    (["eval", "--model", "{tmp}/empty"], "has no model_index.json"),
+]
+
+
+def _fixtures(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+    (tmp / "exists.png").write_bytes(b"keep")
+    (tmp / "pair-1.png").write_bytes(b"keep")
+    (tmp / "afile.txt").write_text("not a folder")
+    readonly = tmp / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    for name, folders in (("truncated", ["unet"]), ("nounet", [])):
+        model = tmp / name
+        model.mkdir()
+        (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                                '"unet": ["diffusers", "UNet2DConditionModel"]}')
+        for folder in folders:
+            (model / folder).mkdir()
+            (model / folder / "diffusion_pytorch_model.safetensors").write_bytes(
+                (200).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}')
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_is_refused_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch) -> None:
+    if os.geteuid() == 0 and "readonly" in " ".join(argv):
+        pytest.skip("root writes into read-only directories")
+    _fixtures(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guidance-engine: error: ") and "Traceback" not in err and err.count("\n") == 1, err
+    assert message.replace("{tmp}", str(tmp_path)) in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert (tmp_path / "exists.png").read_bytes() == b"keep"
+
+
+def markdown_table() -> str:
+    rows = ["| command | refused with |", "|---|---|"]
+    for argv, message in CASES:
+        rows.append(f"| `guidance-engine {' '.join(argv)}` | {message} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")
