@@ -89,16 +89,21 @@ def product_increment(eps: list[torch.Tensor], b: list[float], sigma: float, sig
     return step_fraction(sigma, sigma_next) * inc
 
 
+def _weight_cdf(log_weights: torch.Tensor) -> torch.Tensor:
+    """The cumulative sum of each row's normalised weights softmax(log w), in float64 on the CPU,
+    its last entry exactly 1 (so that every uniform in [0, 1) finds an index)."""
+    cdf = torch.softmax(log_weights.double().cpu(), dim=1).cumsum(1)
+    cdf[:, -1] = 1.0
+    return cdf
+
+
 def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Ancestor indices (G, K), per row of ``log_weights`` (G, K): one uniform u per group, positions
     (u + k) / K on the weights' cumulative sum. Each particle is copied floor(K w) or ceil(K w) times."""
     groups, k = log_weights.shape
-    w = torch.softmax(log_weights.double().cpu(), dim=1)
-    cdf = w.cumsum(1)
-    cdf[:, -1] = 1.0
     u = torch.rand(groups, 1, generator=generator, dtype=torch.float64)
     positions = (u + torch.arange(k, dtype=torch.float64)) / k
-    return torch.searchsorted(cdf, positions, right=True).clamp_max(k - 1)
+    return torch.searchsorted(_weight_cdf(log_weights), positions, right=True).clamp_max(k - 1)
 
 
 def multinomial_resample(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -110,11 +115,8 @@ def multinomial_resample(log_weights: torch.Tensor, generator: torch.Generator |
 def draw_by_weight(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of ``log_weights`` (G, K), drawn with probabilities softmax(log w) by
     inverse CDF with one uniform per row (equal weights: a uniform draw among the K)."""
-    w = torch.softmax(log_weights.double().cpu(), dim=1)
-    cdf = w.cumsum(1)
-    cdf[:, -1] = 1.0
     u = torch.rand(log_weights.shape[0], 1, generator=generator, dtype=torch.float64)
-    return torch.searchsorted(cdf, u, right=True).view(-1).clamp_max(log_weights.shape[1] - 1)
+    return torch.searchsorted(_weight_cdf(log_weights), u, right=True).view(-1).clamp_max(log_weights.shape[1] - 1)
 
 
 def output_seed(seed: int) -> int:
@@ -146,15 +148,17 @@ class FKCState:
     started: bool = False  # the first step (the prior correction) has been weighted
 
 
-def draw_particles(x: torch.Tensor, state: FKCState) -> torch.Tensor:
-    """One particle per group, drawn by its final normalised weight: (B/K, ...) from ``x`` (B, ...).
-
-    Consumes the state's output stream: call it once per run (the pipelines do, through
-    :meth:`FKC.output_rows`)."""
+def drawn_rows(state: FKCState) -> torch.Tensor:
+    """The row of each group to return: one particle drawn by the final normalised weights, from
+    the state's output stream (consumed: draw once per run)."""
     k = state.particles
-    groups = x.shape[0] // k
-    chosen = draw_by_weight(state.log_weights.view(groups, k), state.output_generator)
-    return x[(torch.arange(groups) * k + chosen).to(x.device)]
+    groups = state.log_weights.shape[0] // k
+    return torch.arange(groups) * k + draw_by_weight(state.log_weights.view(groups, k), state.output_generator)
+
+
+def draw_particles(x: torch.Tensor, state: FKCState) -> torch.Tensor:
+    """One particle per group, drawn by its final normalised weight: (B/K, ...) from ``x`` (B, ...)."""
+    return x[drawn_rows(state).to(x.device)]
 
 
 # -- the method -------------------------------------------------------------------------------
@@ -215,16 +219,17 @@ class FKC(Guidance):
     def group_size(self) -> int:
         return self.particles
 
+    def total_exponent(self) -> float:
+        """B = sum_i b_i of the target (1 for cfg; b for anneal; 2b for product)."""
+        return sum(self.exponents(self.scale).values())
+
     @property
     def requires_noise_start(self) -> bool:
         """B != 1 targets correct the prior N(0, I) to N(0, I)^B: only a run from pure noise has it."""
-        return sum(self.exponents(self.scale).values()) != 1.0
+        return self.total_exponent() != 1.0
 
     def output_rows(self, state: FKCState) -> torch.Tensor:
-        """The row of each group to return: one particle drawn by the final normalised weights."""
-        k = state.particles
-        groups = state.log_weights.shape[0] // k
-        return torch.arange(groups) * k + draw_by_weight(state.log_weights.view(groups, k), state.output_generator)
+        return drawn_rows(state)
 
     def required_branches(self) -> set[str]:
         return {"cond", "cond2"} if self.target == "product" else ({"cond"} if self.target == "anneal"
@@ -273,17 +278,15 @@ class FKC(Guidance):
                    step: StepInfo, state: FKCState) -> torch.Tensor | None:
         k, rows = state.particles, x.shape[0]
         groups = rows // k
-        prior = None
         if not state.started:
             state.started = True
-            total = sum(self.exponents(self.scale).values())
-            if total != 1.0:  # the particles' initial weight: prior N(0, I) -> target N(0, I)^B
-                prior = -0.5 * (total - 1.0) * _sq_norm(preds["cond"].x)
+            if self.requires_noise_start:  # the particles' initial weight: prior N(0, I) -> target N(0, I)^B;
+                # whatever the interval (kept until the first resample), never centred or clamped
+                prior = -0.5 * (self.total_exponent() - 1.0) * _sq_norm(preds["cond"].x)
+                state.log_weights = state.log_weights + prior.float().to(state.log_weights.device)
         last = step.index == step.num_steps - 1
         inside = self.resample_sigma_min <= step.sigma <= self.resample_sigma_max and not last
         if not inside:
-            if prior is not None:  # kept in the weights until the first weighted step resamples
-                state.log_weights = state.log_weights + prior.float().to(state.log_weights.device)
             return None
         inc = self.increment(preds, step)
         if inc is not None:
@@ -292,8 +295,6 @@ class FKC(Guidance):
                 inc = inc.view(groups, k)
                 inc = (inc - inc.mean(1, keepdim=True)).clamp(-self.clamp, self.clamp).reshape(rows)
             state.log_weights = state.log_weights + inc
-        if prior is not None:
-            state.log_weights = state.log_weights + prior.float().to(state.log_weights.device)
         state.since_resample += 1
         lw = state.log_weights.view(groups, k)
         uneven = (lw.max(1).values - lw.min(1).values) > 0  # equal weights: nothing to resample
