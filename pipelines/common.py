@@ -17,6 +17,7 @@ from guidance_engine.guidance import Guidance, Perturbation
 from guidance_engine.methods.cfg import CFG
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SampleResult, StartImage, StepRecord, sample
+from guidance_engine.samplers.loop import check_run
 from guidance_engine.samplers.schedule import is_flow_scheduler
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ from .perturbation import perturbed_layers, resolve_layers
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
 #: What a particle method returns: one image per group drawn by the final weights, or every particle.
 PARTICLE_OUTPUTS: tuple[str, ...] = ("draw", "all")
+#: The ``output_type`` values every guided pipeline accepts (the stock ones).
+OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 
 
 @dataclass
@@ -318,6 +321,45 @@ class GuidedPipelineMixin:
         if guidance_rescale:
             overrides["rescale"] = guidance_rescale
         return resolve_guidance(guidance, **overrides)
+
+    @staticmethod
+    def prompt_batch_size(prompt, prompt_embeds) -> int:
+        """The number of prompts of a call: a string is one, a list must hold at least one string
+        (checked before any model call); without a prompt, the rows of ``prompt_embeds``."""
+        if prompt is None:
+            if prompt_embeds is None:
+                raise ValueError("prompt: give a prompt (a string or a list of strings) or prompt_embeds=")
+            return int(prompt_embeds.shape[0])
+        if isinstance(prompt, str):
+            return 1
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(text, str) for text in prompt):
+            raise ValueError(f"prompt: must be a string or a non-empty list of strings, got {prompt!r}")
+        return len(prompt)
+
+    def check_call(self, guide: Guidance, *, shape: tuple[int, ...], num_images_per_prompt: int = 1,
+                   num_inference_steps: int, timesteps=None, sigmas=None, sampler: str | None, eta: float | None,
+                   generator, latents: torch.Tensor | None, output_type: str,
+                   start: ImageInput | None = None) -> None:
+        """Every check of a call that needs no network, made before any prompt is encoded:
+        images per prompt, output type, the run's settings (steps against the scheduler's training
+        steps, sampler, eta, a method's need of a stochastic sampler or of a pure-noise start), one
+        generator per image, the shape of ``latents``. ``shape``: the latents of the output images
+        (before a particle method's K rows per image)."""
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt: must be an integer >= 1, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+        check_run(guide, self.scheduler, num_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                  sampler=sampler, eta=eta, image_strength=None if start is None else start.noised_strength())
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"generator: a list needs one generator per image ({shape[0]}), got {len(generator)}")
+        if latents is not None:
+            k = guide.group_size()
+            accepted = [tuple(shape)] + ([(shape[0] * k, *shape[1:])] if k > 1 else [])
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) not in accepted:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents: expected a tensor of shape {' or '.join(map(str, accepted))}, got {got}")
 
     @staticmethod
     def for_prompts(guide: Guidance, negative_prompt, negative_prompt_embeds) -> Guidance:

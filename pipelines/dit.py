@@ -175,9 +175,10 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
 
         ids = self.class_ids(class_labels)
         particle_output = self.check_particle_output(particle_output)
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type: must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         guide = self.resolve_guidance(guidance, guidance_scale)
+        size, channels = self.transformer.config.sample_size, self.transformer.config.in_channels
+        self.check_call(guide, shape=(len(ids), channels, size, size), num_inference_steps=num_inference_steps,
+                        sampler=sampler, eta=eta, generator=generator, latents=latents, output_type=output_type)
         device = self._execution_device
         labels = torch.tensor(ids, device=device).reshape(-1)
         null = self.null_class
@@ -192,7 +193,6 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
                              "(its label embedding has no class-dropout row)")
         guide = attach_dit_gfcg(self, guide, branches, labels, gfcg_classifier)
 
-        size, channels = self.transformer.config.sample_size, self.transformer.config.in_channels
         latents, nfe_per_image, state = self.denoise(
             branches, guide, (len(ids), channels, size, size), dtype=self.transformer.dtype, device=device,
             generator=generator, latents=latents, particle_output=particle_output, sampler=sampler,

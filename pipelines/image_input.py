@@ -39,6 +39,11 @@ def load_image(image: ImageLike, name: str = "image") -> ImageLike:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         # diffusers reads numpy images as floats in [0, 1]; a uint8 array is an ordinary picture
         return image.astype(np.float32) / 255.0
+    if isinstance(image, np.ndarray) and image.dtype.kind not in "f":
+        raise ValueError(f"{name}: a numpy image must be uint8 (0-255) or float (0-1), got dtype {image.dtype}")
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim not in (2, 3, 4):
+        raise ValueError(f"{name}: expected an image array of 2 to 4 dimensions (HW, HWC/CHW, NHWC/NCHW), got "
+                         f"shape {tuple(image.shape)}")
     if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         raise ValueError(f"{name}: expected a PIL image, numpy array, torch tensor or path, got {type(image).__name__}")
     return image
@@ -76,6 +81,10 @@ class ImageInput:
             raise ValueError(f"image: height and width must be multiples of {factor} (the VAE's downscaling "
                              f"factor), got {h} x {w}; resize or crop the image")
         return h, w
+
+    def noised_strength(self) -> float | None:
+        """The strength at which the run starts from the noised image (img2img always does)."""
+        return float(self.strength)
 
     def is_latents(self, pipe) -> bool:
         """Whether the input already is latents (a tensor with the VAE's latent channels)."""

@@ -45,6 +45,10 @@ class MaskedImageInput(ImageInput):
                              f"{image_hw[0]} x {image_hw[1]}")
         return h, w
 
+    def noised_strength(self) -> float | None:
+        """At strength 1 inpainting starts from pure noise (the stock pipelines' rule)."""
+        return None if self.strength == 1.0 else float(self.strength)
+
     def prepare(self, pipe, branches: UNetBranches, shape: tuple[int, ...], particles: int, *, dtype, device,
                 generator, latents: torch.Tensor | None) -> tuple[StartImage, torch.Tensor | None]:
         height, width = shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor

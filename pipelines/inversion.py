@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
+from guidance_engine.samplers.inversion import check_inversion
 from guidance_engine.samplers.inversion import invert as invert_latents
 from guidance_engine.samplers.schedule import is_flow_scheduler
 
@@ -64,6 +65,8 @@ class InversionMixin:
         start = ImageInput(load_image(image), 1.0)
         height, width = start.size(self, None, None)
         guide = self.resolve_guidance(guidance, guidance_scale)
+        self.prompt_batch_size(prompt, None)  # a string or a non-empty list of strings
+        check_inversion(guide, self.scheduler, num_inference_steps)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
         branches = self.inversion_branches(prompts, negatives, (height, width), cross_attention_kwargs, **conditioning)
@@ -89,6 +92,9 @@ class InversionMixin:
         """Run DDIM (eta 0) from ``inversion.latents`` with ``prompt``: the source prompt
         reconstructs the image, another prompt edits it. ``guidance`` defaults to the method the
         inversion used; other keyword arguments go to the text-to-image call (``output_type``, ...)."""
+        if not isinstance(inversion, InversionOutput):
+            raise ValueError(f"inversion: expected what invert() returns (an InversionOutput), got "
+                             f"{type(inversion).__name__}")
         if guidance is None:
             guidance = dict(inversion.guidance)
             if guidance_scale is not None:

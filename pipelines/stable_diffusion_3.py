@@ -117,10 +117,12 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                           max_sequence_length=max_sequence_length)
         particle_output = self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale), negative_prompt, negative_prompt_embeds)
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = self.prompt_batch_size(prompt, prompt_embeds)
+        shape = (batch_size * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0,
+                 self.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt,
+                        num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
+                        generator=generator, latents=latents, output_type=output_type)
         device = self._execution_device
         lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -138,8 +140,6 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                        "pooled_projections": negative_pooled_prompt_embeds},
         }, joint_attention_kwargs, networks={"reference": self.reference_network(guide, reference)})
 
-        shape = (batch_size * num_images_per_prompt, self.transformer.config.in_channels,
-                 height // self.vae_scale_factor, width // self.vae_scale_factor)
         shift: dict[str, Any] = {}
         if mu is not None:
             shift["mu"] = mu

@@ -98,10 +98,13 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         particle_output = self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
                                  negative_prompt, negative_prompt_embeds)
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = self.prompt_batch_size(prompt, prompt_embeds)
+        channels = self.unet.config.in_channels if start is None else self.vae.config.latent_channels
+        shape = (batch_size * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0, channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt,
+                        num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, sampler=sampler,
+                        eta=eta, generator=generator, latents=latents, output_type=output_type, start=start)
         device = self._execution_device
         negative_branch = None
         if "negative" in guide.required_branches():  # Perp-Neg: the negative prompt gets a branch of its own
@@ -124,8 +127,6 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
             branches.networks["reference"] = reference
         dtype = branches.conditions["cond"]["encoder_hidden_states"].dtype
 
-        channels = self.unet.config.in_channels if start is None else self.vae.config.latent_channels
-        shape = (rows, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents, nfe_per_image, state = self.denoise(
             branches, guide, shape, dtype=dtype, device=device, generator=generator, latents=latents,
             start=start, particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,

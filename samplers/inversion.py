@@ -47,6 +47,21 @@ class InversionResult:
     num_steps: int
 
 
+def check_inversion(guidance: Guidance, scheduler, num_steps: int, prediction_type: str = "epsilon") -> None:
+    """The checks of an inversion that need no tensor (a pipeline makes them before encoding)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
+    train_steps = scheduler.config.get("num_train_timesteps")
+    if not is_flow_scheduler(scheduler) and train_steps and num_steps > train_steps:
+        raise ValueError(f"num_inference_steps: must be in [1, {train_steps}] (the scheduler's training steps), "
+                         f"got {num_steps}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if guidance.requires_stochastic_sampler or guidance.group_size() > 1:
+        raise ValueError(f"guidance: method {guidance.name!r} samples with particles and has no inversion; "
+                         "use cfg or cfgpp")
+
+
 def invert(model: BranchModel, clean: torch.Tensor, guidance: Guidance, *, scheduler, num_steps: int = 10,
            prediction_type: str = "epsilon", progress: bool | Mapping[str, Any] = True) -> InversionResult:
     """Invert clean (scaled) latents to the noise of a ``num_steps``-step DDIM run.
@@ -61,13 +76,7 @@ def invert(model: BranchModel, clean: torch.Tensor, guidance: Guidance, *, sched
         num_steps: inversion steps (the official CFG++ default is 10).
         prediction_type: what the network predicts ("epsilon", "v_prediction", "flow", "sample").
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type: must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if guidance.requires_stochastic_sampler or guidance.group_size() > 1:
-        raise ValueError(f"guidance: method {guidance.name!r} samples with particles and has no inversion; "
-                         "use cfg or cfgpp")
+    check_inversion(guidance, scheduler, num_steps, prediction_type)
     source = scheduler if is_flow_scheduler(scheduler) else fresh_scheduler(DDIMScheduler, scheduler.config)
     schedule = schedule_from_scheduler(source, num_steps, clean.device)
     n = schedule.num_steps

@@ -170,6 +170,39 @@ def resolve_sampler(sampler: str | None, guidance: Guidance, scheduler) -> str:
     return sampler
 
 
+def check_run(guidance: Guidance, scheduler, *, num_steps: int, timesteps: Sequence[float] | None = None,
+              sigmas: Sequence[float] | None = None, sampler: str | None = None, eta: float | None = None,
+              image: StartImage | None = None, image_strength: float | None = None) -> str:
+    """Every check of a run's settings that needs no tensor, so that a pipeline can make them
+    before it encodes a prompt (``sample`` makes them again). Returns the resolved sampler.
+
+    ``image_strength``: the strength of a run that will start from a noised image rather than pure
+    noise (img2img; inpainting below strength 1), or ``image`` itself when it is known."""
+    if timesteps is None and sigmas is None:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
+        train_steps = scheduler.config.get("num_train_timesteps")
+        if not is_flow_scheduler(scheduler) and train_steps and num_steps > train_steps:
+            raise ValueError(f"num_inference_steps: must be in [1, {train_steps}] (the scheduler's training "
+                             f"steps), got {num_steps}")
+    for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if values is not None and len(values) == 0:
+            raise ValueError(f"{name}: must be a non-empty list, got {values!r}")
+    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta: must be in [0, 1], got {eta!r}")
+    sampler = resolve_sampler(sampler, guidance, scheduler)
+    if guidance.requires_stochastic_sampler and not _stochastic(sampler, eta, scheduler):
+        raise ValueError(f"sampler: method {guidance.name!r} needs a stochastic sampler (euler_ancestral, or ddim "
+                         f"with eta > 0), got sampler {sampler!r} with eta {eta!r}")
+    if image is not None and not (image.strength == 1.0 and image.pure_noise_at_full_strength):
+        image_strength = image.strength
+    if image_strength is not None and guidance.requires_noise_start:
+        raise ValueError(f"guidance: method {guidance.name!r} with these parameters weights its samples against "
+                         f"the prior (pure noise), but this run starts from a noised image (img2img or "
+                         f"inpainting, strength {image_strength}); use it for text-to-image only")
+    return sampler
+
+
 def _step_kwargs(scheduler, generator, eta: float | None) -> dict[str, Any]:
     """The optional arguments this scheduler's ``step`` accepts (as diffusers pipelines pass them)."""
     accepted = set(inspect.signature(scheduler.step).parameters)
@@ -238,22 +271,10 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
         image: start from an image's latents noised with ``noise`` at ``image.strength``
             (img2img), optionally keeping a masked region (inpainting); see :class:`StartImage`.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        if timesteps is None and sigmas is None:
-            raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if eta is not None and not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta: must be in [0, 1], got {eta!r}")
-    sampler = resolve_sampler(sampler, guidance, scheduler)
-    if guidance.requires_stochastic_sampler and not _stochastic(sampler, eta, scheduler):
-        raise ValueError(f"sampler: method {guidance.name!r} needs a stochastic sampler (euler_ancestral, or ddim "
-                         f"with eta > 0), got sampler {sampler!r} with eta {eta!r}")
-    if image is not None and guidance.requires_noise_start and \
-            not (image.strength == 1.0 and image.pure_noise_at_full_strength):
-        raise ValueError(f"guidance: method {guidance.name!r} with these parameters weights its samples against "
-                         f"the prior (pure noise), but this run starts from a noised image (img2img or "
-                         f"inpainting, strength {image.strength}); use it for text-to-image only")
+    sampler = check_run(guidance, scheduler, num_steps=num_steps, timesteps=timesteps, sigmas=sigmas,
+                        sampler=sampler, eta=eta, image=image)
     if not bool(torch.isfinite(noise).all()):
         raise NonFiniteLatentsError("the initial latents contain NaN/inf (check `latents=`)")
     set_kwargs = dict(set_timesteps_kwargs or {})
