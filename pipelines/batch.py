@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,6 +29,9 @@ from guidance_engine import strict_json
 from guidance_engine.registry import method_names, resolve_guidance
 from guidance_engine.samplers import SAMPLER_NAMES
 
+from .cli_checks import (SEED_MAX, check_device, check_eta, check_int, check_model_directory, check_run_settings,
+                         check_size, check_steps, check_writable_directory)
+from .messages import PromptTruncatedWarning
 from .models import check_class_label, checkpoint_classes, is_class_conditional, refuse_text_options
 
 MANIFEST = "manifest.jsonl"
@@ -334,18 +338,32 @@ def run_batch(prompts: str | os.PathLike, out: str | os.PathLike, *, method: str
     params = dict(params or {})
     if scale is not None:
         params["scale"] = scale
-    for name, value, low in (("--per-prompt", per_prompt, 1), ("--steps", steps, 1), ("--batch-size", batch_size, 1),
-                             ("--seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    check_int("--per-prompt", per_prompt, 1, 1024)
+    check_int("--batch-size", batch_size, 1, 1024)
+    check_int("--seed", seed, 0, SEED_MAX)
+    check_size("--height", height)
+    check_size("--width", width)
+    check_eta(eta)
     if sampler is not None and sampler not in SAMPLER_NAMES:
         raise ValueError(f"--sampler: must be one of {', '.join(SAMPLER_NAMES)}, got {sampler!r}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"--dtype: must be float32, float16 or bfloat16, got {dtype!r}")
+    if device is not None:
+        check_device(device)
     if model is not None and not Path(model).exists() and os.sep in str(model):
         raise ValueError(f"--model: no such directory {str(model)!r}")
-    resolve_guidance(method, **params)  # the command's own method and parameters, named as such
+    check_model_directory(None if model is None else str(model))
+    check_steps(steps, None if model is None else str(model))
+    command_guidance = resolve_guidance(method, **params)  # the command's own method, named as such
+    check_run_settings(command_guidance, None if model is None else str(model), steps=steps, sampler=sampler,
+                       eta=eta)
     specs = read_prompts(prompts, method, params, negative_prompt)
+    for spec in specs:  # each line's own method, against the same scheduler
+        try:
+            check_run_settings(resolve_guidance(spec.guidance), None if model is None else str(model), steps=steps,
+                               sampler=sampler, eta=eta)
+        except ValueError as error:
+            raise ValueError(f"prompts: {prompts}:{spec.line}: {error}") from None
     if is_class_conditional(model):  # prompts are class names or ids: text-only options are refused
         refuse_text_options(**{"--negative-prompt": negative_prompt, "--height": height, "--width": width})
         num_classes, names = checkpoint_classes(model)
@@ -356,6 +374,7 @@ def run_batch(prompts: str | os.PathLike, out: str | os.PathLike, *, method: str
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {str(out)!r} exists and is not a directory")
+    check_writable_directory("--out", out)
     units = _units(specs, per_prompt, seed)
     common = {"sampler": sampler or "auto", "steps": steps, "height": height, "width": width, "eta": eta,
               "model": _model_label(model), "dtype": dtype}
@@ -401,6 +420,18 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
     bar = tqdm(total=todo, unit="img", disable=not (progress and state.is_main_process),
                desc=f"batch (process 0 of {state.num_processes})" if state.num_processes > 1 else "batch")
     written = 0
+
+    def truncated(spec) -> list[str]:
+        """What the text encoder cuts of this line's prompts (said in the manifest, once on stderr)."""
+        if getattr(pipe, "tokenizer", None) is None:
+            return []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PromptTruncatedWarning)
+            return pipe.truncated_prompts(prompt=spec.prompt, negative_prompt=spec.negative_prompt)
+
+    for unit in units:
+        for message in truncated(unit.spec):
+            print(f"guidance-engine: warning: prompts line {unit.spec.line}: {message}", file=sys.stderr)
     try:
         for batch in _batches(units, batch_size):
             first = batch[0]
@@ -409,12 +440,14 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
             seeds = [s for u in batch for s in u.seeds]
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             start = time.perf_counter()
-            result = generate_from_prompts(
-                pipe, prompts, negative_prompt=None if first.spec.negative_prompt is None else negatives,
-                guidance=resolve_guidance(first.guidance), sampler=common["sampler"] if
-                common["sampler"] != "auto" else None, num_inference_steps=common["steps"],
-                generator=generators, height=common["height"], width=common["width"], eta=common["eta"],
-                output_type="pil")
+            with warnings.catch_warnings():  # truncation is said per line, above and in the manifest
+                warnings.simplefilter("ignore", PromptTruncatedWarning)
+                result = generate_from_prompts(
+                    pipe, prompts, negative_prompt=None if first.spec.negative_prompt is None else negatives,
+                    guidance=resolve_guidance(first.guidance), sampler=common["sampler"] if
+                    common["sampler"] != "auto" else None, num_inference_steps=common["steps"],
+                    generator=generators, height=common["height"], width=common["width"], eta=common["eta"],
+                    output_type="pil")
             seconds = (time.perf_counter() - start) / len(prompts)
             row = 0
             for unit in batch:
@@ -426,7 +459,8 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
                     name = image_name(unit.spec.index, i)
                     entry = {"file": name, "prompt_index": unit.spec.index, "image_index": i,
                              **_settings(unit, j, common), "guidance": result.guidance, "nfe": int(nfe),
-                             "seconds": round(seconds, 4), "process_index": state.process_index}
+                             "seconds": round(seconds, 4), "process_index": state.process_index,
+                             "warnings": truncated(unit.spec)}
                     if unit.coupled:  # rebuilding needs the whole group
                         entry["group_images"] = unit.images
                         entry["group_seeds"] = unit.seeds
@@ -504,21 +538,23 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     bat.add_argument("--method", default="cfg", help=f"guidance method: {', '.join(method_names())}")
     bat.add_argument("--scale", type=float, default=None, help="the method's scale (default: its paper's)")
     bat.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                     help="another method parameter, repeatable (see `guidance-engine methods`)")
+                     help="another method parameter, repeatable (see 'guidance-engine methods')")
     bat.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
-    bat.add_argument("--steps", type=int, default=30)
+    bat.add_argument("--steps", type=int, default=30, help="denoising steps, 1 to the scheduler's training steps")
     bat.add_argument("--seed", type=int, default=0,
                      help="base seed; image i of prompt p uses image_seed(seed, p, i) (docs/batch.md)")
     bat.add_argument("--batch-size", type=int, default=1, help="images per pipeline call on each process")
     bat.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
                      help="solver (default: the model's scheduler, or its mirror for CFG++)")
-    bat.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
-    bat.add_argument("--height", type=int, default=None)
-    bat.add_argument("--width", type=int, default=None)
+    bat.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: the sampler's own)")
+    bat.add_argument("--height", type=int, default=None,
+                     help="image height, a multiple of 8 in [8, 4096] (default: the model's, 32 for the shipped one)")
+    bat.add_argument("--width", type=int, default=None, help="image width, as --height")
     bat.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
     bat.add_argument("--device", default=None,
                      help="default: this process's accelerate device (the GPU of its rank, or the CPU)")
-    bat.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    bat.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                     help="weights' precision")
     bat.add_argument("--no-progress", action="store_true", help="no progress bar")
     bat.set_defaults(func=cmd_batch)
     return bat

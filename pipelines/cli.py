@@ -1,5 +1,6 @@
-"""The ``guidance-engine`` command: generate images, batches on many processes, LinearAG calibration,
-the list of methods.
+"""The guidance-engine command: generate images with any guidance method, compare methods in a
+grid, score them (eval), transform or edit images, run batches on many processes, calibrate
+LinearAG, serve a demo, list the methods and their parameters.
 
     guidance-engine generate "a red circle on a blue background" --method apg --scale 7.5 -o out.png
     guidance-engine img2img in.png "a blue square on a white background" --strength 0.6
@@ -23,6 +24,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,9 +35,10 @@ from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
 
 from .batch import add_batch_parser  # noqa: E402
 from .cli_checks import (check_device, check_eta, check_int, check_model_directory, check_outputs,  # noqa: E402
-                         check_seeds, check_size, check_steps)
+                         check_run_settings, check_seeds, check_size, check_steps)
 from .cli_image import add_image_parsers  # noqa: E402
 from .demo_cli import add_demo_parser  # noqa: E402
+from .messages import PromptTruncatedWarning  # noqa: E402
 from .models import DIT_SHORTHAND, generate_from_prompts, is_class_conditional, refuse_text_options  # noqa: E402
 
 
@@ -85,6 +88,16 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
 
 
+def warn_truncated(pipe, **texts: str | list[str] | None) -> list[str]:
+    """Say on stderr, before sampling, which prompts the text encoder will cut (the pipeline's own
+    warning is silenced in the CLI, which prints this one line per prompt instead)."""
+    check = getattr(pipe, "truncated_prompts", None)
+    messages = check(**texts) if check is not None and getattr(pipe, "tokenizer", None) is not None else []
+    for message in messages:
+        print(f"guidance-engine: warning: {message}", file=sys.stderr)
+    return messages
+
+
 def _load(model: str | None, device: str, dtype: str = "float32"):
     """The pipeline, without diffusers' loading bars (the sampling bar stays)."""
     from diffusers.utils import logging as diffusers_logging
@@ -110,6 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_model_directory(args.model)
     check_steps(args.steps, args.model)
+    check_run_settings(guidance, args.model, steps=args.steps, sampler=args.sampler, eta=args.eta)
     paths = output_paths(Path(args.output), args.num_images)
     check_outputs("-o/--output", paths, args.overwrite)
     if is_class_conditional(args.model):  # the prompt is a class: refuse text-only options before loading
@@ -120,6 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         in_effect = pipe.set_attention(args.attention)
         if in_effect != args.attention:
             print(f"attention: {args.attention} is not available here, using {in_effect}", file=sys.stderr)
+    cut = warn_truncated(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt) \
+        if not is_class_conditional(args.model) else []
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     start = time.perf_counter()
     out = generate_from_prompts(pipe, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
@@ -129,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, (image, path) in enumerate(zip(out.images, paths)):
         meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance": guidance.to_dict(),
                 "sampler": args.sampler or "auto", "steps": args.steps, "seed": args.seed + i,
-                "model": str(args.model or "default"), "nfe": out.nfe}
+                "model": str(args.model or "default"), "nfe": out.nfe, "warnings": cut}
         atomic_save_png(image, path, meta)
         print(f"wrote {path}")
     print(f"method {guidance.name}, {out.nfe:g} network evaluations per image, {seconds:.2f} s")
@@ -185,6 +201,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_outputs("-o/--output", [Path(args.output)], args.overwrite)
     pipe = _load(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
+    if not is_class_conditional(args.model):
+        warn_truncated(pipe, prompt=args.prompt)
     path = compare_grid(pipe, args.prompt, methods, range(args.seed, args.seed + args.seeds), args.output,
                         steps=args.steps)
     print(f"wrote {path}")
@@ -228,30 +246,46 @@ def cmd_calibrate_linear_ag(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; an option's default appended to its help unless it is None,
+    False or already said."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unsaid = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if unsaid or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guidance-engine", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="guidance-engine", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate images from a prompt (or a class, for a class-conditional model)")
     gen.add_argument("prompt", help="the prompt; for a class-conditional (DiT) model a class name or id, "
                      "e.g. 'red circle' or 0")
-    gen.add_argument("-n", "--negative-prompt", default=None)
+    gen.add_argument("-n", "--negative-prompt", default=None,
+                     help="what the unconditional branch sees instead of the empty prompt")
     gen.add_argument("--method", default="cfg", help=f"guidance method: {', '.join(method_names())}")
     gen.add_argument("--scale", type=float, default=None, help="the method's scale (default: its paper's)")
     gen.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                     help="another method parameter, repeatable (see `guidance-engine methods`)")
+                     help="another method parameter, repeatable (see 'guidance-engine methods')")
     gen.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
                      help="solver (default: the model's scheduler, or its mirror for CFG++)")
-    gen.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
-    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: the sampler's own)")
+    gen.add_argument("--steps", type=int, default=30, help="denoising steps, 1 to the scheduler's training steps")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1, help="images to generate, 1 to 1024")
+    gen.add_argument("--height", type=int, default=None,
+                     help="image height, a multiple of 8 in [8, 4096] (default: the model's, 32 for the shipped one)")
+    gen.add_argument("--width", type=int, default=None, help="image width, as --height")
     gen.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model; "
                      f"'{DIT_SHORTHAND}': the shipped class-conditional model)")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                     help="weights' precision")
     gen.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "triton"),
                      help="attention processor (triton: the project's kernel; falls back to sdpa where it cannot run)")
     gen.add_argument("-o", "--output", default="out.png", help="PNG file to write (several images: out-0.png, ...)")
@@ -260,40 +294,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate-linear-ag", help="record CFG trajectories and fit LinearAG's coefficients")
     cal.add_argument("--prompts", default=None, help="text file, one prompt a line (default: data-set captions)")
-    cal.add_argument("--num-prompts", type=int, default=200)
-    cal.add_argument("--steps", type=int, default=20)
-    cal.add_argument("--scale", type=float, default=7.5)
-    cal.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
+    cal.add_argument("--num-prompts", type=int, default=200, help="prompts to record trajectories of")
+    cal.add_argument("--steps", type=int, default=20, help="steps of the recorded CFG runs")
+    cal.add_argument("--scale", type=float, default=7.5, help="CFG scale of the recorded runs")
+    cal.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="solver of the recorded runs")
     cal.add_argument("--window", type=float, default=0.5, help="fraction of the run with predicted steps")
     cal.add_argument("--period", type=int, default=0, help="every period-th step stays real (0: only the first)")
-    cal.add_argument("--seed", type=int, default=0)
-    cal.add_argument("--model", default=None)
-    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the data-set captions and of the runs")
+    cal.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
+    cal.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     cal.add_argument("--out", default=None, help="directory for the coefficients (default: the model's)")
     cal.set_defaults(func=cmd_calibrate_linear_ag)
 
     add_batch_parser(sub)
     add_demo_parser(sub)
 
-    ev = sub.add_parser("eval", help="metrics table (alignment, fidelity, saturation, ...) for methods")
-    ev.add_argument("--methods", default="cfg,cfgpp,apg", help="e.g. 'cfg,apg:scale=10,cfgpp:scale=0.6'")
-    ev.add_argument("--seeds", type=int, default=6)
-    ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
+    ev = sub.add_parser("eval", help="metrics table (alignment, fidelity, saturation, ...) for methods",
+                        description="Score methods on the shipped evaluation prompts with the shipped attribute "
+                        "classifier: alignment (prompt attributes recognised), fidelity (Frechet distance to "
+                        "the training images), saturation, NFEs and time. Text-to-image models only.")
+    ev.add_argument("--methods", default="cfg,cfgpp,apg",
+                    help="comma-separated methods, parameters after ':' separated by ';', "
+                    "e.g. 'cfg,apg:scale=10;momentum=0,cfgpp:scale=0.6'")
+    ev.add_argument("--seeds", type=int, default=6, help="seeds per prompt, 1 to 100000")
+    ev.add_argument("--steps", type=int, default=20, help="denoising steps")
+    ev.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="solver (default: as for generate)")
     ev.add_argument("--plot", default=None, help="write a PNG of the metrics here")
-    ev.add_argument("--model", default=None)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     ev.set_defaults(func=cmd_eval)
 
     cmp = sub.add_parser("compare", help="labelled grid: one row per method, same seed per column")
-    cmp.add_argument("prompt")
-    cmp.add_argument("--methods", default="cfg:scale=1,cfg,cfgpp,apg")
-    cmp.add_argument("--seeds", type=int, default=4)
-    cmp.add_argument("--seed", type=int, default=0)
-    cmp.add_argument("--steps", type=int, default=20)
+    cmp.add_argument("prompt", help="the prompt of every image")
+    cmp.add_argument("--methods", default="cfg:scale=1,cfg,cfgpp,apg",
+                     help="one grid row per method, as for eval: 'cfg,apg:scale=10;momentum=0'")
+    cmp.add_argument("--seeds", type=int, default=4, help="columns: seeds per method, 1 to 1024")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the first column; column i uses seed + i")
+    cmp.add_argument("--steps", type=int, default=20, help="denoising steps")
     cmp.add_argument("--model", default=None, help=f"as for generate ('{DIT_SHORTHAND}': the class-conditional model; "
                      "the prompt is then a class name)")
-    cmp.add_argument("--device", default="cpu")
+    cmp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     cmp.add_argument("-o", "--output", default="compare.png", help="PNG file of the grid")
     cmp.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
     cmp.set_defaults(func=cmd_compare)
@@ -301,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_parsers(sub)
     methods = sub.add_parser("methods", help="list guidance methods, their parameters and ranges")
     methods.set_defaults(func=cmd_methods)
+    for subparser in sub.choices.values():  # the defaults in every command's --help
+        subparser.formatter_class = HelpFormatter
     return parser
 
 
@@ -308,10 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PromptTruncatedWarning)  # said once, in warn_truncated's words
+            return args.func(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"guidance-engine: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `guidance-engine methods | head`: the reader stopped early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -159,3 +159,48 @@ def check_writable_directory(option: str, directory: Path) -> None:
         raise ValueError(f"{option}: {str(existing)!r} is not a directory, so {str(directory)!r} cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option}: the directory {str(existing)!r} is not writable")
+
+
+#: The API's parameter names as the command line spells them (for messages).
+_OPTION_NAMES = {"num_inference_steps": "--steps", "sampler": "--sampler", "eta": "--eta", "guidance": "--method"}
+
+
+def _as_option(error: ValueError) -> ValueError:
+    name, sep, rest = str(error).partition(": ")
+    return ValueError(f"{_OPTION_NAMES.get(name, name)}{sep}{rest}")
+
+
+def model_scheduler(model: str | None):
+    """The scheduler of a model directory, built from its config alone (no weights): the run
+    settings are checked against the scheduler that will run them. None when it has no config."""
+    import diffusers
+
+    from .models import resolve_model
+
+    folder = Path(resolve_model(model)) / "scheduler"
+    try:
+        config = json.loads((folder / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    return None if cls is None else cls.from_config(config)
+
+
+def check_run_settings(guidance, model: str | None, *, steps: int, sampler: str | None, eta: float | None,
+                       image_strength: float | None = None, inversion: bool = False) -> None:
+    """The run's settings against the model's scheduler, as the pipeline will check them after
+    loading (steps, sampler, a method's need of a stochastic sampler or a pure-noise start; an
+    inversion's method), here before it loads; messages name the command-line option."""
+    from guidance_engine.samplers.inversion import check_inversion
+    from guidance_engine.samplers.loop import check_run
+
+    scheduler = model_scheduler(model)
+    if scheduler is None:
+        return
+    try:
+        if inversion:
+            check_inversion(guidance, scheduler, steps)
+        else:
+            check_run(guidance, scheduler, num_steps=steps, sampler=sampler, eta=eta, image_strength=image_strength)
+    except ValueError as error:
+        raise _as_option(error) from None

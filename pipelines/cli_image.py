@@ -30,9 +30,20 @@ def _guidance(args: argparse.Namespace):
     return resolve_guidance(args.method, **params)
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    if args.steps < 1:
-        raise ValueError(f"--steps: must be an integer >= 1, got {args.steps}")
+def _check_common(args: argparse.Namespace, outputs: list[Path], guidance, image_strength: float | None = None,
+                  inversion: bool = False) -> None:
+    """Every check of img2img and edit that needs no model, before it loads."""
+    from .cli_checks import (check_device, check_model_directory, check_outputs, check_run_settings,
+                             check_steps)
+
+    check_device(args.device)
+    check_model_directory(args.model)
+    check_steps(args.steps, args.model)
+    check_run_settings(guidance, args.model, steps=args.steps, sampler=getattr(args, "sampler", None),
+                       eta=getattr(args, "eta", None), image_strength=image_strength, inversion=inversion)
+    check_outputs("-o/--output", outputs, args.overwrite)
+    if args.grid:
+        check_outputs("--grid", [Path(args.grid)], args.overwrite)
 
 
 def labelled_grid(images: list, labels: list[str], path: Path, zoom: int = 4) -> Path:
@@ -59,12 +70,17 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     from .cli import _load, atomic_save_png, output_paths
     from .image_input import load_image
 
+    from .cli_checks import check_eta, check_int, check_seeds
+
     guidance = _guidance(args)
-    _check_common(args)
     if not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength: must be in (0, 1], got {args.strength}")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images: must be an integer >= 1, got {args.num_images}")
+    check_int("--num-images", args.num_images, 1, 1024)
+    check_seeds("--seed", args.seed, args.num_images)
+    check_eta(args.eta)
+    paths = output_paths(Path(args.output), args.num_images)
+    # inpainting at strength 1 starts from pure noise; everything else from the noised image
+    _check_common(args, paths, guidance, None if args.mask and args.strength == 1.0 else args.strength)
     image = load_image(args.image)
     mask = load_image(args.mask, "mask") if args.mask else None
     if mask is not None and mask.size != image.size:
@@ -79,7 +95,6 @@ def cmd_img2img(args: argparse.Namespace) -> int:
                num_images_per_prompt=args.num_images, num_inference_steps=args.steps, guidance=guidance,
                sampler=args.sampler, generator=generators, eta=args.eta, **extra)
     seconds = time.perf_counter() - start
-    paths = output_paths(Path(args.output), args.num_images)
     for i, (result, path) in enumerate(zip(out.images, paths)):
         meta = {"command": "inpaint" if mask is not None else "img2img", "image": str(args.image),
                 "mask": str(args.mask) if args.mask else None, "prompt": args.prompt, "strength": args.strength,
@@ -116,7 +131,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from .image_input import load_image
 
     guidance = _guidance(args)
-    _check_common(args)
+    _check_common(args, [Path(args.output)], guidance, inversion=True)
     image = load_image(args.image)
     pipe = _image_pipeline(_load(args.model, args.device, args.dtype), inpaint=False)
     start = time.perf_counter()
@@ -147,33 +162,37 @@ def _add_common(parser: argparse.ArgumentParser, method: str, steps: int) -> Non
     parser.add_argument("--scale", type=float, default=None, help="the method's scale (default: its paper's)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="another parameter of the method (repeatable)")
-    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps, 1 to the scheduler's training steps")
     parser.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="weights' precision")
     parser.add_argument("--grid", default=None, help="also write a labelled side-by-side PNG here")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
 
 
 def add_image_parsers(sub) -> None:
     """Register ``img2img`` and ``edit`` on the top-level command's subparsers."""
     i2i = sub.add_parser("img2img", help="transform an image towards a prompt (with --mask: inpainting)")
     i2i.add_argument("image", help="input image (its size a multiple of the VAE factor)")
-    i2i.add_argument("prompt")
+    i2i.add_argument("prompt", help="what the output should show")
     i2i.add_argument("--strength", type=float, default=0.6, help="in (0, 1]: how much of the schedule runs")
     i2i.add_argument("--mask", default=None, help="mask image of the same size: white = repaint, black = keep")
-    i2i.add_argument("-n", "--negative-prompt", default=None)
-    i2i.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
-    i2i.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    i2i.add_argument("-n", "--negative-prompt", default=None,
+                     help="what the unconditional branch sees instead of the empty prompt")
+    i2i.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                     help="solver (default: the model's scheduler, or its mirror for CFG++)")
+    i2i.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1] (default: the sampler's own)")
     i2i.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    i2i.add_argument("--num-images", type=int, default=1)
-    i2i.add_argument("-o", "--output", default="img2img.png")
+    i2i.add_argument("--num-images", type=int, default=1, help="images to generate, 1 to 1024")
+    i2i.add_argument("-o", "--output", default="img2img.png", help="PNG file to write (several: img2img-0.png, ...)")
     _add_common(i2i, "cfg", 30)
     i2i.set_defaults(func=cmd_img2img)
 
     edit = sub.add_parser("edit", help="invert an image with one prompt, regenerate it with another (CFG++)")
-    edit.add_argument("image")
+    edit.add_argument("image", help="input image (its size a multiple of the VAE factor)")
     edit.add_argument("--source-prompt", required=True, help="what the image shows")
     edit.add_argument("--target-prompt", required=True, help="what it should show")
-    edit.add_argument("-o", "--output", default="edit.png")
+    edit.add_argument("-o", "--output", default="edit.png", help="PNG file to write")
     _add_common(edit, "cfgpp", 10)
     edit.set_defaults(func=cmd_edit)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .image_input import ImageInput
 
 from .attention_probe import recorded_attention
+from .messages import PromptTruncatedWarning
 from .perturbation import perturbed_layers, resolve_layers
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
@@ -45,6 +46,8 @@ class GuidedPipelineOutput(BaseOutput):
         guidance: the method's config (``Guidance.to_dict()``).
         sampler: the sampler that ran.
         guidance_state: the method's final per-run state (FKC's log-weights, AG's switch steps).
+        warnings: what the call changed of its input, one sentence each (a prompt longer than the
+            text encoder reads, cut); each was also issued as a :class:`PromptTruncatedWarning`.
     """
 
     images: Any
@@ -54,6 +57,7 @@ class GuidedPipelineOutput(BaseOutput):
     guidance: dict[str, Any] = field(default_factory=dict)
     sampler: str = ""
     guidance_state: Any = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -321,6 +325,27 @@ class GuidedPipelineMixin:
         if guidance_rescale:
             overrides["rescale"] = guidance_rescale
         return resolve_guidance(guidance, **overrides)
+
+    def truncated_prompts(self, **texts: str | list[str] | None) -> list[str]:
+        """One sentence per prompt longer than the text encoder reads (``texts``: parameter name ->
+        prompt(s)), each also issued as a :class:`PromptTruncatedWarning`. The stock pipelines cut
+        such prompts with a log line the CLI does not show; this says it where people look."""
+        tokenizer = getattr(self, "tokenizer", None)
+        limit = getattr(tokenizer, "model_max_length", None)
+        if tokenizer is None or not isinstance(limit, int) or limit <= 0:
+            return []
+        messages = []
+        for name, value in texts.items():
+            listed = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+            for text in (item for item in listed if isinstance(item, str)):  # types are checked elsewhere
+                ids = tokenizer(text, truncation=False)["input_ids"]
+                if len(ids) > limit:
+                    cut = tokenizer.decode(ids[limit - 1:], skip_special_tokens=True)
+                    messages.append(f"{name}: {text!r} is {len(ids)} tokens, the text encoder reads {limit} "
+                                    f"(with start and end tokens); cut: {cut!r}")
+        for message in messages:  # at the caller of pipe(...) (through torch's no_grad wrapper)
+            warnings.warn(message, PromptTruncatedWarning, stacklevel=5)
+        return messages
 
     @staticmethod
     def prompt_batch_size(prompt, prompt_embeds) -> int:

@@ -126,6 +126,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt,
                         num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, sampler=sampler,
                         eta=eta, generator=generator, latents=latents, output_type=output_type, start=start)
+        cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
         negative_branch = None
         if "negative" in guide.required_branches():  # Perp-Neg: the negative prompt gets a branch of its own
@@ -173,7 +174,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         self.maybe_free_model_hooks()
         if not return_dict:
             return image, has_nsfw
-        return self.guided_output(image, nfe_per_image, state, guide, sampler, nsfw_content_detected=has_nsfw)
+        return self.guided_output(image, nfe_per_image, state, guide, sampler, nsfw_content_detected=has_nsfw,
+                                  warnings=cut)
 
     def independent_conditions(self, prompt_embeds: torch.Tensor, generator) -> dict:
         """ICG's y_hat, drawn afresh at every call: the text encoding of uniformly random token ids

@@ -123,6 +123,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt,
                         num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
                         generator=generator, latents=latents, output_type=output_type)
+        cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
         lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -168,7 +169,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return self.guided_output(image, nfe_per_image, state, guide, sampler)
+        return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
 
     def stock_skip_layer_guidance(self, guidance: GuidanceSpec, guidance_scale: float | None, layers: list[int],
                                   scale: float, start: float, stop: float, num_steps: int) -> SLG:

@@ -105,6 +105,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt,
                         num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, sampler=sampler,
                         eta=eta, generator=generator, latents=latents, output_type=output_type, start=start)
+        cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
         negative_branch = None
         if "negative" in guide.required_branches():  # Perp-Neg: the negative prompt gets a branch of its own
@@ -145,7 +146,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return self.guided_output(image, nfe_per_image, state, guide, sampler)
+        return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
 
     def _prompt_branches(self, *, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, negative_branch,

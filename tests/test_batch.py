@@ -226,10 +226,12 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path, capsys, monkeypatch) -
     assert f"prompts: {bad}:1: unknown key(s) sede" in error(str(bad))
     good = tmp_path / "good.txt"
     good.write_text("a red circle\n")
-    assert "--per-prompt: must be an integer >= 1, got 0" in error(str(good), "--per-prompt", "0")
-    assert "--batch-size: must be an integer >= 1, got 0" in error(str(good), "--batch-size", "0")
+    assert "--per-prompt: must be an integer in [1, 1024], got 0" in error(str(good), "--per-prompt", "0")
+    assert "--batch-size: must be an integer in [1, 1024], got 0" in error(str(good), "--batch-size", "0")
     assert "cfgpp: parameter 'scale' must be [0, 1], got 3.0" in error(str(good), "--method", "cfgpp", "--scale", "3")
-    assert "--per-prompt: fkc couples groups of 8 images" in error(str(good), "--method", "fkc")
+    assert "--sampler: method 'fkc' needs a stochastic sampler" in error(str(good), "--method", "fkc")
+    assert "--per-prompt: fkc couples groups of 8 images" in error(str(good), "--method", "fkc", "--sampler",
+                                                                   "euler_ancestral")
     assert not out.exists()
 
 
