@@ -39,8 +39,11 @@ def describe_range(meta: Mapping[str, Any]) -> str:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     low, high = meta.get("low"), meta.get("high")
     left = "(" if meta.get("low_open") or low is None else "["
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None or math.isinf(high) else f"{high:g}"
+    def number(value: float) -> str:  # integers exactly (a seed bound of 2^63 - 1 is no 9.22337e+18)
+        return str(value) if isinstance(value, int) else f"{value:g}"
+
+    lo = "-inf" if low is None else number(low)
+    hi = "inf" if high is None or math.isinf(high) else number(high)
     right = ")" if high is None or math.isinf(high) else "]"
     return f"{left}{lo}, {hi}{right}"
 

@@ -174,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_model_directory(args.model)
     check_steps(args.steps, args.model)
     if args.plot:
-        check_outputs("--plot", [Path(args.plot)], overwrite=True)
+        check_outputs("--plot", [Path(args.plot)], args.overwrite)
     if is_class_conditional(args.model):
         raise ValueError(f"--model: eval scores text-to-image models on the evaluation prompts, {args.model!r} is "
                          "class-conditional; measure it with benchmarks/gfcg.py (per-class accuracy, FD, paired "
@@ -204,24 +204,61 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not is_class_conditional(args.model):
         warn_truncated(pipe, prompt=args.prompt)
     path = compare_grid(pipe, args.prompt, methods, range(args.seed, args.seed + args.seeds), args.output,
-                        steps=args.steps)
+                        steps=args.steps, progress=True)
     print(f"wrote {path}")
     return 0
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
+#: Column widths of the ``methods`` listing (parameter, default, accepted values); the meaning
+#: wraps in what is left of :data:`LISTING_WIDTH`.
+_COLUMNS = (18, 12, 24)
+LISTING_WIDTH = 100
+
+
+def _listing_row(cells: Sequence[str], meaning: str) -> list[str]:
+    """One parameter as lines of at most LISTING_WIDTH columns: a cell wider than its column
+    pushes the meaning to the next line (never cut); the meaning wraps under its column."""
+    import textwrap
+
+    line = "    "
+    for cell, width in zip(cells, _COLUMNS):
+        line += f"{cell:<{width}} "
+    indent = 4 + sum(width + 1 for width in _COLUMNS)
+    wrapped = textwrap.wrap(meaning, LISTING_WIDTH - indent) or [""]
+    if len(line) > indent:  # a cell overflowed its column
+        return [line.rstrip(), *(" " * indent + text for text in wrapped)]
+    return [line + wrapped[0], *(" " * indent + text for text in wrapped[1:])]
+
+
+def methods_listing() -> str:
+    """Every method: its summary and paper (wrapped), then a table of its parameters."""
+    import textwrap
+
+    lines: list[str] = ["Set a parameter with --param NAME=VALUE (generate, img2img, edit, batch), as NAME=VALUE after",
+                        "'method:' in --methods (compare, eval), or as a key of the method dict (Python).", ""]
     for name in method_names():
         cls = method_class(name)
-        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-        print(f"    paper: {cls.paper}")
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        summary = " ".join(doc.split()).replace("``", "")
+        lines += textwrap.wrap(f"{name}: {summary}", LISTING_WIDTH, subsequent_indent="    ")
+        lines += textwrap.wrap(f"paper: {cls.paper}", LISTING_WIDTH, initial_indent="    ", subsequent_indent="      ")
+        lines += _listing_row(("parameter", "default", "accepted"), "meaning")
         for f in cls.parameters():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if hasattr(default, "to_dict"):
                 default = default.name  # a nested method: give its name (or a dict in Python)
-            accepted = describe_range(f.metadata) if "low" in f.metadata else "see meaning"
-            print(f"    --param {f.name}={default!r:<10} {accepted:<24} {f.metadata.get('doc', '')}")
-    print("samplers: " + ", ".join(f"{name} ({SAMPLERS[name].description})" if name in SAMPLERS else
-                                   f"{name} (the model's diffusers scheduler)" for name in SAMPLER_NAMES))
+            accepted = describe_range(f.metadata) if "low" in f.metadata or "choices" in f.metadata \
+                else "see meaning"
+            lines += _listing_row((f.name, repr(default), accepted), f.metadata.get("doc", ""))
+        lines.append("")
+    samplers = ", ".join(f"{name} ({SAMPLERS[name].description})" if name in SAMPLERS else
+                         f"{name} (the model's diffusers scheduler)" for name in SAMPLER_NAMES)
+    lines += textwrap.wrap(f"samplers: {samplers}", LISTING_WIDTH, subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(methods_listing())
     return 0
 
 
@@ -322,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None, help="write a PNG of the metrics here")
     ev.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --plot file (default: refuse)")
     ev.set_defaults(func=cmd_eval)
 
     cmp = sub.add_parser("compare", help="labelled grid: one row per method, same seed per column")

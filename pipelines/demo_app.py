@@ -13,22 +13,33 @@ API (gradio_client)::
     Client(...).predict(prompt="a red circle", methods=["cfgpp"], scale_cfgpp=0.8, api_name="/generate")
 
 Parameters: prompt, methods, steps, seed, then ``scale_<method>`` for every method of :data:`METHODS`
-(each optional, defaulting to the method's documented default). A bad parameter returns empty
-results and the message (an error box), never a stack trace.
+(each optional, defaulting to the method's documented default; None: that default), then
+``negative_prompt``.
+
+Bad input is refused before any model call, never clamped nor rounded: the call raises
+``gradio_client.exceptions.AppError`` whose message is one line of plain text naming the parameter,
+its accepted range and the value received (``steps: must be an integer in [1, 100], got 0``), and
+the page shows the same line in an error toast. The page's inputs are plain number boxes passed to
+the handler as typed (a Gradio slider would clamp a typed value to its bounds without a word).
 """
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 import threading
 import time
-from typing import Any, Sequence
+import warnings
+from typing import Any
 
 import numpy as np
 
+from guidance_engine.guidance import Guidance, describe_range
 from guidance_engine.registry import method_class, method_names, resolve_guidance
+from guidance_engine.samplers.loop import check_run
+
+from .cli_checks import SEED_MAX
+from .messages import PromptTruncatedWarning
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +52,7 @@ SAMPLER_FOR = {"fkc": "euler_ancestral"}
 
 
 def _scale_field(name: str):
+    """The ``scale`` parameter (dataclass field) of a method, or None."""
     for f in method_class(name).parameters():
         if f.name == "scale":
             return f
@@ -48,6 +60,7 @@ def _scale_field(name: str):
 
 
 def _default_scale(name: str, field) -> float:
+    """The value the page's scale box starts at: the method's default (for AG's None, its inner method's)."""
     default = field.default
     if default is None:  # e.g. AG: None = the inner method's own scale
         try:
@@ -79,7 +92,8 @@ def _usable(name: str) -> bool:
 
 
 def scale_sliders_spec() -> list[dict[str, Any]]:
-    """One entry per method with a ``scale`` parameter: name, low, high, default, doc (the registry's)."""
+    """One entry per method with a ``scale`` parameter: name, low, high (finite display bounds), range
+    (the accepted values, as the registry's messages write them), default, doc (the registry's)."""
     specs = []
     for name in method_names():
         field = _scale_field(name)
@@ -89,7 +103,8 @@ def scale_sliders_spec() -> list[dict[str, Any]]:
         high = field.metadata.get("high")
         low = 0.0 if low is None else float(low)
         high = 100.0 if high is None or math.isinf(high) else float(high)
-        specs.append({"name": name, "low": low, "high": high, "default": _default_scale(name, field),
+        specs.append({"name": name, "low": low, "high": high, "range": describe_range(field.metadata),
+                      "default": _default_scale(name, field),
                       "doc": field.metadata.get("doc", ""), "optional": bool(field.metadata.get("optional"))})
     return specs
 
@@ -97,8 +112,13 @@ def scale_sliders_spec() -> list[dict[str, Any]]:
 METHODS = [spec["name"] for spec in scale_sliders_spec()]
 
 
-def _error_box(message: str) -> str:
-    return f"<div class='ge-error' style='color:#b00020'><b>Error:</b> {html.escape(message, quote=False)}</div>"
+def check_integer(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int if it is an integer (an integral float counts) in [low, high]; otherwise
+    ValueError naming ``name``, the range and the value received. Never rounds nor clamps."""
+    number = int(value) if isinstance(value, float) and value.is_integer() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        raise ValueError(f"{name}: must be an integer in [{low}, {high}], got {value!r}")
+    return number
 
 
 class Generator:
@@ -109,98 +129,101 @@ class Generator:
         self.device = device
         #: a class-conditional (DiT) pipeline: the prompt is a class name or id, no negative prompt
         self.class_conditional = hasattr(pipe, "class_ids")
-        # the pipeline keeps per-call state (guidance hooks, progress bar): one call at a time; the
-        # queue's concurrency limit bounds how many requests wait here.
+        # The pipeline's models are shared and keep per-call state (guidance hooks, progress bar), so
+        # they are not thread-safe: model calls take turns here whatever the queue's concurrency.
         self.lock = threading.Lock()
 
-    def validate(self, prompt: str, methods: Sequence[str], steps: Any, seed: Any,
-                 scales: dict[str, float]) -> list[tuple[str, Any]]:
-        if not prompt or not str(prompt).strip():
-            raise ValueError("prompt: please enter a prompt")
+    def validate(self, prompt: Any, methods: Any, steps: Any, seed: Any, scales: dict[str, Any],
+                 negative_prompt: str | None = None) -> list[tuple[str, Guidance]]:
+        """Every check of a request, before any model call: the (method, guidance) pairs to run, or
+        ValueError naming the parameter, its accepted range and the value received."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt: please enter a prompt (a non-empty text), got {prompt!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt: must be a text, got {negative_prompt!r}")
         if self.class_conditional:
-            from .models import class_label
+            from .models import class_label, refuse_text_options
 
-            self.pipe.class_ids(class_label(str(prompt)))  # ValueError naming the known classes
+            self.pipe.class_ids(class_label(prompt))  # ValueError naming the known classes
+            refuse_text_options(**{"negative prompt": negative_prompt})
+        known = ", ".join(METHODS)
+        if not isinstance(methods, (list, tuple)):
+            raise ValueError(f"methods: must be a list of method names among {known}, got {methods!r}")
         if not methods:
-            raise ValueError("methods: select at least one method")
-        try:
-            steps_i = int(steps)
-        except (TypeError, ValueError):
-            raise ValueError(f"steps: expected an integer, got {steps!r}") from None
-        if steps_i != steps or not 1 <= steps_i <= MAX_STEPS:
-            raise ValueError(f"steps: must be an integer in [1, {MAX_STEPS}], got {steps}")
-        try:
-            seed_i = int(seed)
-        except (TypeError, ValueError):
-            raise ValueError(f"seed: expected an integer, got {seed!r}") from None
-        if seed_i != seed or seed_i < 0:
-            raise ValueError(f"seed: must be an integer >= 0, got {seed}")
+            raise ValueError(f"methods: select at least one method among {known}, got {list(methods)!r}")
+        for name in methods:
+            if name not in METHODS:
+                raise ValueError(f"methods: must be among {known}, got {name!r}")
+        steps = check_integer("steps", steps, 1, MAX_STEPS)
+        check_integer("seed", seed, 0, SEED_MAX)
         guidances = []
         for name in methods:
-            params = {"scale": float(scales[name])} if name in scales and scales[name] is not None else {}
-            guidances.append((name, resolve_guidance(name, **params)))  # ValueError with the range
+            scale = scales.get(name)
+            guidance = resolve_guidance(name, **({} if scale is None else {"scale": scale}))  # names the range
+            if "negative" in guidance.required_branches() and not negative_prompt:
+                if self.class_conditional:
+                    raise ValueError(f"methods: {name!r} needs a negative prompt, which a class-conditional model "
+                                     f"does not take; choose another method")
+                raise ValueError(f"negative_prompt: method {name!r} (Perp-Neg) needs a non-empty negative prompt "
+                                 f"for its 'negative' branch, got {negative_prompt or ''!r}")
+            check_run(guidance, self.pipe.scheduler, num_steps=steps, sampler=SAMPLER_FOR.get(name))
+            guidances.append((name, guidance))
         return guidances
 
-    def __call__(self, prompt: str, methods: Sequence[str], steps: Any, seed: Any, *scale_values: float,
+    def __call__(self, prompt: Any, methods: Any, steps: Any, seed: Any, *scale_values: Any,
                  negative_prompt: str | None = None):
-        """``negative_prompt``: replaces the empty prompt of the unconditional branch (CFG and kin);
-        Perp-Neg gives it a branch of its own and needs it."""
+        """(gallery, stats, message) of one image per method. ``scale_values``: one per :data:`METHODS`
+        (None: the method's default). ``negative_prompt``: replaces the empty prompt of the
+        unconditional branch (CFG and kin); Perp-Neg gives it a branch of its own and needs it.
+        A bad request raises ValueError (see :meth:`validate`) before any model call."""
         import torch
         from PIL import Image
 
         from .evaluation import image_stats
-        from .models import generate_from_prompts, refuse_text_options
+        from .models import generate_from_prompts
 
-        scales = dict(zip(METHODS, scale_values))
-        negative_prompt = str(negative_prompt).strip() if negative_prompt else None
-        try:
-            guidances = self.validate(prompt, methods or [], steps, seed, scales)
-            if self.class_conditional:
-                refuse_text_options(**{"negative prompt": negative_prompt})
-        except ValueError as error:
-            return self._fail(str(error))
-        gallery, stats = [], []
-        try:
-            for name, guidance in guidances:
-                generator = torch.Generator(device=self.device).manual_seed(int(seed))
-                with self.lock:
-                    start = time.perf_counter()
-                    out = generate_from_prompts(self.pipe, str(prompt), negative_prompt=negative_prompt,
-                                                num_inference_steps=int(steps), guidance=guidance,
-                                                generator=generator, sampler=SAMPLER_FOR.get(name))
-                    seconds = time.perf_counter() - start
-                image = out.images[0]
-                saturation = image_stats(np.asarray(image.convert("RGB"))[None])["saturation"]
-                scale = getattr(guidance, "scale", None)
-                row = {"method": name, "scale": scale, "nfe": float(out.nfe), "seconds": round(seconds, 3),
-                       "saturation": round(saturation, 4)}
-                stats.append(row)
-                big = image.resize((image.width * UPSCALE, image.height * UPSCALE), Image.NEAREST)
-                scale_text = "" if scale is None else f" (scale {scale:g})"
-                gallery.append((big, f"{name}{scale_text} | NFEs {out.nfe:g} | {seconds:.2f} s | "
-                                     f"saturation {saturation:.3f}"))
-        except ValueError as error:  # e.g. a method that needs a calibration this model lacks
-            return self._fail(str(error))
-        except Exception as error:  # noqa: BLE001 - never a stack trace in the page
-            logger.exception("demo: generation failed")
-            return self._fail(f"{type(error).__name__}: {error}")
+        if isinstance(negative_prompt, str):
+            negative_prompt = negative_prompt.strip() or None
+        guidances = self.validate(prompt, methods, steps, seed, dict(zip(METHODS, scale_values)), negative_prompt)
+        steps, seed = int(steps), int(seed)  # checked: integers, or integral floats
+        gallery, stats, notes = [], [], []
+        for name, guidance in guidances:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            with self.lock, warnings.catch_warnings():  # a cut prompt is said in the page, below
+                warnings.simplefilter("ignore", PromptTruncatedWarning)
+                start = time.perf_counter()
+                out = generate_from_prompts(self.pipe, prompt, negative_prompt=negative_prompt,
+                                            num_inference_steps=steps, guidance=guidance,
+                                            generator=generator, sampler=SAMPLER_FOR.get(name))
+                seconds = time.perf_counter() - start
+            notes += [note for note in getattr(out, "warnings", []) if note not in notes]
+            image = out.images[0]
+            saturation = image_stats(np.asarray(image.convert("RGB"))[None])["saturation"]
+            scale = getattr(guidance, "scale", None)
+            row = {"method": name, "scale": scale, "nfe": float(out.nfe), "seconds": round(seconds, 3),
+                   "saturation": round(saturation, 4)}
+            stats.append(row)
+            big = image.resize((image.width * UPSCALE, image.height * UPSCALE), Image.NEAREST)
+            scale_text = "" if scale is None else f" (scale {scale:g})"
+            gallery.append((big, f"{name}{scale_text} | NFEs {out.nfe:g} | {seconds:.2f} s | "
+                                 f"saturation {saturation:.3f}"))
         lines = " ".join(f"`{r['method']}`: {r['nfe']:g} NFEs, {r['seconds']:.2f} s, "
                          f"saturation {r['saturation']:.3f}." for r in stats)
-        return gallery, stats, f"Seed {int(seed)}, {int(steps)} steps. {lines}"
+        said = "".join(f"\n\n**Warning:** {note}" for note in notes)  # e.g. a prompt the text encoder cuts
+        return gallery, stats, f"Seed {seed}, {steps} steps. {lines}{said}"
 
-    @staticmethod
-    def _fail(message: str):
-        try:
-            import gradio as gr
-            gr.Warning(message)
-        except Exception:  # noqa: BLE001 - outside a Gradio request
-            pass
-        return [], [], _error_box(message)
+
+def refusal(message: str) -> Exception:
+    """``gr.Error`` carrying ``message`` as is: the API's error (gradio_client raises AppError with
+    this text) and the page's error toast, shown until closed; no traceback in the server's log."""
+    import gradio as gr
+
+    return gr.Error(message, duration=None, print_exception=False)
 
 
 def _named_api(generate: Generator):
     """The callback with a signature naming every input (``scale_cfg``, ...), so the API's parameters
-    have stable names usable as keyword arguments from gradio_client."""
+    have stable names usable as keyword arguments from gradio_client; errors become :func:`refusal`."""
     import inspect
 
     names = ["prompt", "methods", "steps", "seed", *(f"scale_{name}" for name in METHODS)]
@@ -208,8 +231,15 @@ def _named_api(generate: Generator):
     def generate_api(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return generate(*(bound.arguments[name] for name in names),
-                        negative_prompt=bound.arguments["negative_prompt"])
+        try:
+            return generate(*(bound.arguments[name] for name in names),
+                            negative_prompt=bound.arguments["negative_prompt"])
+        except ValueError as error:  # a bad request (or a method this model cannot run): its message
+            logger.info("demo: refused: %s", error)
+            raise refusal(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - the message in the page, the traceback in the log
+            logger.exception("demo: generation failed")
+            raise refusal(f"{type(error).__name__}: {error}") from None
 
     signature = inspect.Signature([*(inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names),
                                    inspect.Parameter("negative_prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -220,6 +250,7 @@ def _named_api(generate: Generator):
 
 
 def _load_pipe(model: str | None, device: str):
+    """The guided pipeline of ``model`` (None: the shipped one) on ``device``, without progress bars."""
     from .cli import _load
 
     pipe = _load(model, device)
@@ -231,13 +262,13 @@ def build_demo(pipe=None, model: str | None = None, device: str = "cpu"):
     """The Gradio Blocks app; ``pipe`` (a guided pipeline) or ``model`` (a checkpoint, None: the shipped one)."""
     import gradio as gr
 
-    def Slider(*args, **kwargs):  # noqa: N802
-        """A slider whose out-of-range values (from the API) reach the registry, which names the method
-        and its documented range, instead of Gradio's generic bounds error. (An instance override: a
-        gr.Slider subclass would make Gradio write a .pyi stub next to this module.)"""
-        slider = gr.Slider(*args, **kwargs)
-        slider.preprocess = lambda payload: payload
-        return slider
+    def as_sent(component):
+        """``component`` passing its value to the handler as the page or the API sent it: Gradio's own
+        preprocessing would round a number to its precision, or refuse an unknown method or an
+        out-of-bounds number with a message naming no parameter; the handler checks and names them.
+        (An instance override: a subclass would make Gradio write a .pyi stub next to this module.)"""
+        component.preprocess = lambda payload: payload
+        return component
 
     if pipe is None:
         pipe = _load_pipe(model, device)
@@ -260,19 +291,22 @@ def build_demo(pipe=None, model: str | None = None, device: str = "cpu"):
                                         elem_id="prompt")
                 negative = gr.Textbox(label="negative prompt (optional; Perp-Neg needs one)", value="",
                                       elem_id="negative-prompt", visible=not generate.class_conditional)
-                methods = gr.CheckboxGroup(choices=METHODS, value=list(DEFAULT_METHODS), label="methods",
-                                           elem_id="methods")
+                methods = as_sent(gr.CheckboxGroup(choices=METHODS, value=list(DEFAULT_METHODS), label="methods",
+                                                   elem_id="methods"))
+                # number boxes, not sliders: the page's slider clamps a typed value to its bounds
                 with gr.Row():
-                    steps = Slider(1, MAX_STEPS, value=20, step=1, label="steps", elem_id="steps")
-                    seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
-                sliders = []
+                    steps = as_sent(gr.Number(value=20, precision=0, step=1, label=f"steps, 1 to {MAX_STEPS}",
+                                              elem_id="steps"))
+                    seed = as_sent(gr.Number(value=0, precision=0, step=1, label="seed, 0 to 2^63 - 1",
+                                             elem_id="seed"))
+                scales = []
                 for spec in specs:
                     step = 0.01 if spec["high"] <= 1 else 0.1
                     info = spec["doc"] + (" (default: the inner method's)" if spec["optional"] else "")
-                    sliders.append(Slider(spec["low"], spec["high"], value=spec["default"], step=step,
-                                             label=f"{spec['name']} scale", info=info,
-                                             visible=spec["name"] in DEFAULT_METHODS,
-                                             elem_id=f"scale-{spec['name']}"))
+                    scales.append(as_sent(gr.Number(value=spec["default"], step=step,
+                                                    label=f"{spec['name']} scale, in {spec['range']}", info=info,
+                                                    visible=spec["name"] in DEFAULT_METHODS,
+                                                    elem_id=f"scale-{spec['name']}")))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 message = gr.Markdown(label="message", elem_id="message")
@@ -280,11 +314,12 @@ def build_demo(pipe=None, model: str | None = None, device: str = "cpu"):
                                      format="png")
                 stats = gr.JSON(label="numbers", elem_id="stats")
 
-        def show_sliders(selected):
+        def show_scales(selected):
+            """The scale boxes of the selected methods."""
             return [gr.update(visible=spec["name"] in (selected or [])) for spec in specs]
 
-        methods.change(show_sliders, inputs=methods, outputs=sliders, api_name=False, queue=False)
-        button.click(_named_api(generate), inputs=[prompt, methods, steps, seed, *sliders, negative],
+        methods.change(show_scales, inputs=methods, outputs=scales, api_name=False, queue=False)
+        button.click(_named_api(generate), inputs=[prompt, methods, steps, seed, *scales, negative],
                      outputs=[gallery, stats, message], api_name=API_NAME)
     demo.generator = generate  # for tests and scripting
     return demo
@@ -292,7 +327,9 @@ def build_demo(pipe=None, model: str | None = None, device: str = "cpu"):
 
 def launch(model: str | None = None, host: str = "127.0.0.1", port: int | None = None, concurrency: int = 1,
            device: str = "cpu", **launch_kwargs):
-    """Build and serve the demo (blocks until interrupted unless ``prevent_thread_lock=True``)."""
+    """Build and serve the demo (blocks until interrupted unless ``prevent_thread_lock=True``).
+    ``concurrency``: requests the queue runs at once; their model calls still take turns (one lock,
+    :class:`Generator`), so more than 1 only overlaps input checks and image encoding."""
     if concurrency < 1:
         raise ValueError(f"--concurrency: must be an integer >= 1, got {concurrency}")
     demo = build_demo(model=model, device=device)

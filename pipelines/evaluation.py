@@ -420,16 +420,23 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
             for j, chunk in enumerate([label[m:m + 7] for m in range(0, len(label), 7)][:6]):
                 d.text((bx + 2, ph - bottom + 3 + 12 * j), chunk, fill="black", font=font)
         d.line((x0 + pw - 1, 0, x0 + pw - 1, ph), fill=(200, 200, 200))
+    from .cli import atomic_save_png
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    atomic_save_png(img, path, {"metrics": list(metrics), "rows": [str(r["method"]) for r in rows]})
     return path
 
 
 def compare_grid(pipe, prompt: str, methods: Sequence[dict[str, Any]], seeds: Sequence[int],
-                 path: str | os.PathLike[str], steps: int = 20, zoom: int = 3, **pipe_kwargs: Any) -> Path:
-    """Write a labelled PNG grid: one row per method, one column per seed (same noise down a column)."""
+                 path: str | os.PathLike[str], steps: int = 20, zoom: int = 3, progress: bool = False,
+                 **pipe_kwargs: Any) -> Path:
+    """Write a labelled PNG grid: one row per method, one column per seed (same noise down a column).
+    ``progress``: a tqdm bar over the rows (on stderr). The PNG is written under a temporary name
+    and renamed when complete."""
     from PIL import Image, ImageDraw
+    from tqdm.auto import tqdm
+
+    from .cli import atomic_save_png
 
     font = _font()
     size = shapes.IMAGE_SIZE * zoom
@@ -441,7 +448,9 @@ def compare_grid(pipe, prompt: str, methods: Sequence[dict[str, Any]], seeds: Se
     d.text((4, 2), prompt[:80], fill="black", font=font)
     for j, s in enumerate(seeds):
         d.text((label_w + j * (size + gap) + 2, 16), f"seed {s}", fill="black", font=font)
-    for i, method in enumerate(methods):
+    bar = tqdm(methods, desc="compare", unit="method", disable=not progress)
+    for i, method in enumerate(bar):
+        bar.set_postfix_str(method_label(method))
         images, nfe, _ = generate(pipe, prompt, method, seeds, steps, **pipe_kwargs)
         y = head_h + i * (size + gap)
         d.text((4, y + size // 2 - 12), method_label(method)[:24], fill="black", font=font)
@@ -450,8 +459,7 @@ def compare_grid(pipe, prompt: str, methods: Sequence[dict[str, Any]], seeds: Se
             tile = Image.fromarray(im).resize((size, size), Image.Resampling.NEAREST)
             img.paste(tile, (label_w + j * (size + gap), y))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    atomic_save_png(img, path, {"prompt": prompt, "methods": list(methods), "seeds": list(seeds), "steps": steps})
     return path
 
 

@@ -1,5 +1,6 @@
-"""Bad command-line input is refused before any model loads: exit status 2, one line naming the
-option, its accepted range and the value received, no traceback, nothing written.
+"""Bad command-line input (generate, compare, eval, img2img, edit, batch) is refused before any
+model loads: exit status 2, one line naming the option, its accepted range and the value received,
+no traceback, nothing written.
 The table of docs/bad-inputs.md is this list (``python tests/test_bad_inputs.py`` prints it)."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guidance_engine.pipelines import cli
+from guidance_engine.pipelines import cli, models
 
 # (arguments, text the message must contain); "{tmp}" is the test's empty directory.
 CASES: list[tuple[list[str], str]] = [
@@ -55,6 +56,48 @@ CASES: list[tuple[list[str], str]] = [
     (["eval", "--steps", "5000"], "--steps: must be an integer in [1, 1000], got 5000"),
     (["eval", "--plot", "{tmp}/plot.svg"], "--plot: must end in .png"),
     (["eval", "--model", "{tmp}/empty"], "has no model_index.json"),
+    (["eval", "--plot", "{tmp}/exists.png"], "--plot: '{tmp}/exists.png' exists; pass --overwrite"),
+    (["generate", "x", "--method", "fkc"], "--sampler: method 'fkc' needs a stochastic sampler (euler_ancestral, or "
+     "ddim with eta > 0), got sampler 'scheduler' with eta None"),
+    (["generate", "x", "--method", "cfgpp", "--sampler", "scheduler"],
+     "--sampler: method 'cfgpp' renoises with another prediction than it denoises with"),
+    (["compare", "x", "--seed", str(2**63 - 2)], "--seed: seeds 9223372036854775806..9223372036854775809 must stay"),
+    (["img2img", "{tmp}/in.png", "x", "--strength", "0"], "--strength: must be in (0, 1], got 0.0"),
+    (["img2img", "{tmp}/in.png", "x", "--num-images", "0"], "--num-images: must be an integer in [1, 1024], got 0"),
+    (["img2img", "{tmp}/in.png", "x", "--seed", "-3"], "--seed: must be an integer in [0, 9223372036854775807], got -3"),
+    (["img2img", "{tmp}/in.png", "x", "--eta", "3"], "--eta: must be in [0, 1], got 3.0"),
+    (["img2img", "{tmp}/in.png", "x", "--steps", "5000"], "--steps: must be an integer in [1, 1000], got 5000"),
+    (["img2img", "{tmp}/in.png", "x", "--device", "bogus"], "--device: must be one of cpu, cuda, cuda:N, mps"),
+    (["img2img", "{tmp}/in.png", "x", "-o", "{tmp}/exists.png"], "exists; pass --overwrite to replace it"),
+    (["img2img", "{tmp}/in.png", "x", "-o", "{tmp}/out.webp"], "-o/--output: must end in .png"),
+    (["img2img", "{tmp}/missing.png", "x"], "image: cannot read an image from '{tmp}/missing.png'"),
+    (["img2img", "{tmp}/in.png", "x", "--method", "fkc", "--param", "target=anneal", "--sampler", "euler_ancestral"],
+     "--method: method 'fkc' with these parameters weights its samples against the prior (pure noise)"),
+    (["edit", "{tmp}/in.png", "--source-prompt", "a", "--target-prompt", "b", "--method", "fkc"],
+     "--method: method 'fkc' samples with particles and has no inversion; use cfg or cfgpp"),
+    (["edit", "{tmp}/in.png", "--source-prompt", "a", "--target-prompt", "b", "--steps", "0"],
+     "--steps: must be an integer in [1, 1000], got 0"),
+    (["edit", "{tmp}/in.png", "--source-prompt", "a", "--target-prompt", "b", "--grid", "{tmp}/g.jpg"],
+     "--grid: must end in .png"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/readonly/out"], "--out: the directory '{tmp}/readonly' is not "
+     "writable"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/afile.txt"], "--out: '{tmp}/afile.txt' exists and is not a "
+     "directory"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/o", "--seed", "-1"],
+     "--seed: must be an integer in [0, 9223372036854775807], got -1"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/o", "--height", "30"],
+     "--height: must be a multiple of 8 in [8, 4096], got 30"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/o", "--device", "bogus"], "--device: must be one of cpu, cuda"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/o", "--steps", "5000"],
+     "--steps: must be an integer in [1, 1000], got 5000"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/o", "--eta", "2"], "--eta: must be in [0, 1], got 2.0"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/o", "--per-prompt", "0"],
+     "--per-prompt: must be an integer in [1, 1024], got 0"),
+    (["batch", "{tmp}/prompts.txt", "--out", "{tmp}/o", "--model", "{tmp}/truncated"],
+     "unet/diffusion_pytorch_model.safetensors is truncated"),
+    (["batch", "{tmp}/fkc.jsonl", "--out", "{tmp}/o"],
+     "prompts: {tmp}/fkc.jsonl:1: --sampler: method 'fkc' needs a stochastic sampler"),
+    (["batch", "{tmp}/missing.txt", "--out", "{tmp}/o"], "prompts: no such file '{tmp}/missing.txt'"),
 ]
 
 
@@ -63,6 +106,11 @@ def _fixtures(tmp: Path) -> None:
     (tmp / "exists.png").write_bytes(b"keep")
     (tmp / "pair-1.png").write_bytes(b"keep")
     (tmp / "afile.txt").write_text("not a folder")
+    (tmp / "prompts.txt").write_text("a red circle\n")
+    (tmp / "fkc.jsonl").write_text('{"prompt": "a red circle", "method": "fkc"}\n')
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp / "in.png")
     readonly = tmp / "readonly"
     readonly.mkdir()
     readonly.chmod(0o500)
@@ -88,6 +136,7 @@ def test_bad_input_is_refused_before_the_model_loads(argv, message, tmp_path, ca
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(models, "load_pipeline", no_model)  # batch loads through it
     monkeypatch.chdir(tmp_path)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2
@@ -107,3 +156,13 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     sys.stdout.write(markdown_table() + "\n")
+
+
+def test_the_docs_table_is_current() -> None:
+    """docs/bad-inputs.md is generated from the cases above and their Python and demo siblings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bad_inputs_doc import document
+
+    assert len(CASES) >= 60
+    page = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+    assert page.read_text() == document(), "regenerate: python tests/bad_inputs_doc.py > docs/bad-inputs.md"

@@ -6,6 +6,7 @@ import json
 
 from PIL import Image
 
+from guidance_engine.registry import method_class, method_names
 from guidance_engine.pipelines.cli import main
 from guidance_engine.pipelines.tiny_models import save_tiny_sd
 
@@ -45,8 +46,15 @@ def test_errors_name_the_parameter_and_exit_2(tmp_path, capsys) -> None:
 def test_methods_lists_every_method_with_ranges(capsys) -> None:
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
-    for expected in ("cfg:", "cfgpp:", "apg:", "--param norm_threshold=15.0", "(0, inf)", "dpmpp_2m"):
+    for expected in ("cfg:", "cfgpp:", "apg:", "--param NAME=VALUE", "(0, inf)", "dpmpp_2m"):
         assert expected in text
+    assert max(map(len, text.splitlines())) <= 100  # readable in a 100-column terminal
+    assert "[0, 9223372036854775807]" in text and "e+18" not in text  # FKC's seed range, exactly
+    assert "norm_threshold     15.0         (0, inf)" in text
+    flat = " ".join(text.split())
+    for name in method_names():  # every summary whole, never cut at a column
+        summary = " ".join((method_class(name).__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")
+        assert f"{name}: {summary}" in flat, name
 
 
 def test_eval_and_compare_commands(tmp_path, capsys) -> None:

@@ -1,5 +1,7 @@
 """The Gradio demo (guidance_engine.pipelines.demo_app): API through gradio_client, the queue under
-simultaneous requests, error messages, and a headless-Chromium browser run."""
+simultaneous requests, bad input refused (API requests and command lines, tests/demo_bad_inputs.py)
+before any model call with a message naming parameter, range and value, and a headless-Chromium
+browser run."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import pytest
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from guidance_engine.pipelines import demo_app  # noqa: E402
+from demo_bad_inputs import DEMO_CASES, DEMO_CLI_CASES, markdown_table, request  # noqa: E402, F401
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from guidance_engine.pipelines import cli, demo_app, models  # noqa: E402
 
 STEPS = 4
 # gradio's queue calls pandas APIs that pandas 3 deprecates; not this project's warnings
@@ -85,9 +90,16 @@ def test_api_negative_prompt_and_perp_neg(client):
                             negative_prompt="a green square on a white background", api_name="/generate")
     stats = _check_result(result, ["cfg", "perp_neg"])
     assert stats[1]["nfe"] == 3 * STEPS  # empty, negative and conditional rows in one forward
-    gallery, stats, message = client.predict(prompt=PROMPT, methods=["perp_neg"], steps=STEPS, seed=0,
-                                             api_name="/generate")
-    assert gallery == [] and "negative_prompt" in message
+    with pytest.raises(AppError, match="negative_prompt: method 'perp_neg'"):
+        client.predict(prompt=PROMPT, methods=["perp_neg"], steps=STEPS, seed=0, api_name="/generate")
+
+
+def test_a_cut_prompt_is_said_in_the_page(client):
+    long = "two small red triangles on a blue background, top left, drawn very carefully in the morning"
+    message = client.predict(prompt=long, methods=["cfg"], steps=STEPS, seed=0, api_name="/generate")[2]
+    assert "**Warning:** prompt: " in message and "the text encoder reads 16" in message
+    short = client.predict(prompt=PROMPT, methods=["cfg"], steps=STEPS, seed=0, api_name="/generate")[2]
+    assert "Warning" not in short
 
 
 def test_concurrent_requests(client):
@@ -103,17 +115,118 @@ def test_concurrent_requests(client):
         assert [row["saturation"] for row in other] == [row["saturation"] for row in stats[0]]
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"methods": ["cfgpp"], "scale_cfgpp": 3.0}, "cfgpp: parameter 'scale' must be [0, 1], got 3"),
-    ({"methods": ["cfg"], "steps": 0}, "steps: must be an integer in [1, 100]"),
-    ({"methods": []}, "select at least one method"),
-])
-def test_bad_parameter_message(client, kwargs, expected):
-    params = {"prompt": PROMPT, "steps": STEPS, "seed": 0, **kwargs}
-    gallery, stats, message = client.predict(**params, api_name="/generate")
-    assert gallery == [] and stats == []
-    assert "Error" in message and expected in message
-    assert "Traceback" not in message and "File \"" not in message
+class NoModel:
+    """A pipeline stand-in for bad requests: the real scheduler (the checks read it); a call is an error."""
+
+    def __init__(self, scheduler, error: Exception | None = None):
+        self.scheduler = scheduler
+        self.error = error or AssertionError("a model was called for a bad request")
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.fixture
+def no_model(server, monkeypatch):
+    """The server's generator with no model: any model call raises AssertionError."""
+    generator = server[0].generator
+    monkeypatch.setattr(generator, "pipe", NoModel(generator.pipe.scheduler))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was called for a bad request")
+
+    monkeypatch.setattr(models, "generate_from_prompts", refuse)
+    return generator
+
+
+def _plain(message: str) -> None:
+    assert "Traceback" not in message and 'File "' not in message and "\n" not in message, message
+    assert "<" not in message and "Error:" not in message, message  # no HTML box, no prefix
+
+
+@pytest.mark.parametrize("description, changes, expected", DEMO_CASES, ids=[c[0] for c in DEMO_CASES])
+def test_bad_request_refused_through_the_api(client, no_model, description, changes, expected):
+    """Through Gradio (its preprocessing included): AppError whose message is the one plain line."""
+    with pytest.raises(AppError) as refused:
+        client.predict(**request(changes), api_name="/generate")
+    message = str(refused.value)
+    _plain(message)
+    assert expected in message, message
+
+
+@pytest.mark.parametrize("description, changes, expected", DEMO_CASES, ids=[c[0] for c in DEMO_CASES])
+def test_bad_request_refused_by_the_handler(no_model, description, changes, expected):
+    """The handler itself (no Gradio request): ValueError with the same message."""
+    kwargs = request(changes)
+    scales = [kwargs.get(f"scale_{name}") for name in demo_app.METHODS]
+    with pytest.raises(ValueError) as refused:
+        no_model(kwargs["prompt"], kwargs["methods"], kwargs["steps"], kwargs["seed"], *scales,
+                 negative_prompt=kwargs.get("negative_prompt"))
+    assert expected in str(refused.value)
+
+
+def test_unexpected_error_is_one_plain_line(client, server, monkeypatch):
+    """A failure that is no bad input: its type and text in the page, the traceback in the log only."""
+    generator = server[0].generator
+    monkeypatch.setattr(generator, "pipe", NoModel(generator.pipe.scheduler, RuntimeError("out of memory")))
+    monkeypatch.setattr(models, "generate_from_prompts", lambda pipe, *a, **k: pipe(*a, **k))
+    with pytest.raises(AppError) as failed:
+        client.predict(prompt=PROMPT, methods=["cfg"], steps=STEPS, seed=0, api_name="/generate")
+    assert str(failed.value) == "RuntimeError: out of memory"
+
+
+def test_page_inputs_are_not_clamped(server):
+    """No slider (the page's slider clamps a typed value to its bounds); the number boxes have no
+    bounds and pass their value as sent (no rounding to precision)."""
+    blocks = list(server[0].blocks.values())
+    assert not [b for b in blocks if isinstance(b, gr.Slider)]
+    numbers = {b.elem_id: b for b in blocks if isinstance(b, gr.Number)}
+    assert {"steps", "seed", "scale-cfg", "scale-cfgpp"} <= set(numbers)
+    for box in numbers.values():
+        assert box.minimum is None and box.maximum is None
+        assert box.preprocess(2.5) == 2.5 and box.preprocess(10**30) == 10**30
+    assert "[0, 1]" in numbers["scale-cfgpp"].label
+    methods = next(b for b in blocks if getattr(b, "elem_id", None) == "methods")
+    assert methods.preprocess(["nope"]) == ["nope"]  # the handler names the parameter and the choices
+
+
+def test_markdown_table():
+    rows = markdown_table().splitlines()
+    assert rows[:2] == ["| demo request | refused with |", "|---|---|"]
+    assert len(rows) == 2 + len(DEMO_CASES) + len(DEMO_CLI_CASES) and len(DEMO_CASES) >= 14
+    assert "| `guidance-engine demo --port 7860` | --port: port 7860 on 127.0.0.1 is in use" in markdown_table()
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, expected", DEMO_CLI_CASES, ids=[" ".join(c[0]) for c in DEMO_CLI_CASES])
+def test_bad_command_line_refused_before_the_model_loads(argv, expected, busy_port, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    for name in ("launch", "build_demo", "_load_pipe"):
+        monkeypatch.setattr(demo_app, name, no_model)
+    monkeypatch.setattr(cli, "_load", no_model)
+    assert cli.main([a.replace("{busy}", str(busy_port)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guidance-engine: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert expected.replace("{busy}", str(busy_port)) in err, err
+
+
+def test_command_line_port(monkeypatch):
+    """--port 0: a free port found here, passed to Gradio; no port: the first free one from 7860."""
+    launched = []
+    monkeypatch.setattr(demo_app, "launch", lambda **kwargs: launched.append(kwargs))
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    assert cli.main(["demo", "--port", "0"]) == 0 and cli.main(["demo"]) == 0
+    assert 0 < launched[0]["port"] < 65536 and 7860 <= launched[1]["port"] < 7960
+    assert launched[0]["host"] == "127.0.0.1" and launched[0]["concurrency"] == 1
 
 
 def test_methods_and_ranges():
@@ -186,11 +299,20 @@ def test_browser(server, tmp_path):
         assert "a green square" in driver.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value")
         driver.save_screenshot(str(artifacts / "demo.png"))
         assert (artifacts / "demo.png").stat().st_size > 0
+
+        # a value out of range, typed: refused with its range in a message on the page, not clamped
+        steps.clear()
+        steps.send_keys("500")
+        time.sleep(0.3)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        refused = "steps: must be an integer in [1, 100], got 500"
+        WebDriverWait(driver, 30).until(lambda d: refused in d.find_element(By.TAG_NAME, "body").text)
+        assert steps.get_attribute("value") == "500"
+        driver.save_screenshot(str(artifacts / "demo_refused.png"))
     finally:
         driver.quit()
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning:gradio.helpers")  # gr.Warning outside a request
 def test_class_conditional_model_in_the_demo():
     """With the class-conditional default model the prompt is a class name or id (GFCG runs with
     its guide classifier), the negative prompt is refused, an unknown class names the known ones."""
@@ -211,10 +333,12 @@ def test_class_conditional_model_in_the_demo():
     shown = gallery[1][0].resize(expected.size, resample=0)  # the nearest-neighbour upscale undone
     assert np.array_equal(np.asarray(shown), np.asarray(expected))
     assert generate("6", ["cfg"], STEPS, 3)[1][0]["nfe"] == 2 * STEPS  # id 6 = blue square
-    _, _, message = generate("purple circle", ["cfg"], STEPS, 3)
-    assert "class_labels: unknown class name 'purple circle'" in message
-    _, _, message = generate("red circle", ["cfg"], STEPS, 3, negative_prompt="blue")
-    assert "negative prompt: a class-conditional model generates at its own size" in message
+    with pytest.raises(ValueError, match="class_labels: unknown class name 'purple circle'"):
+        generate("purple circle", ["cfg"], STEPS, 3)
+    with pytest.raises(ValueError, match="negative prompt: a class-conditional model generates at its own size"):
+        generate("red circle", ["cfg"], STEPS, 3, negative_prompt="blue")
+    with pytest.raises(ValueError, match="methods: 'perp_neg' needs a negative prompt, which a class-conditional"):
+        generate("red circle", ["cfg", "perp_neg"], STEPS, 3)
     demo = demo_app.build_demo(pipe=pipe)  # the page asks for a class and hides the negative prompt
     boxes = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert boxes["prompt"].value == "red circle" and boxes["prompt"].label.startswith("class")
