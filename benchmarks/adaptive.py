@@ -13,7 +13,6 @@ Prints a markdown table, then ONE line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
@@ -22,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
 from guidance_engine.pipelines.calibration import calibrate_linear_ag  # noqa: E402
 from guidance_engine.pipelines.evaluation import DEFAULT_PROMPTS, evaluate, generate  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
                                         ("nfe", "nfe_saving", "time_ratio", "alignment", "fd", "dist_to_cfg")}
                         for row in rows}}
     print()
-    print(json.dumps(summary))
+    print(strict_json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ attention call, prints ratios to SDPA and writes the raw timings to benchmarks/r
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -23,6 +22,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.cuda import attention  # noqa: E402
 from guidance_engine.cuda.processors import SAVINGS_MODELS, kv_savings  # noqa: E402
 
@@ -103,9 +103,9 @@ def main() -> None:
         record["timings"] = time_gpu()
         out = Path(__file__).parent / "results" / f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(record, indent=1))
+        out.write_text(strict_json.dumps(record, indent=1))
         print(f"raw timings: {out}")
-    print(json.dumps(record))
+    print(strict_json.dumps(record))
     if not all(c["ok"] for c in checks):
         raise SystemExit("attention kernel outside tolerance")
 

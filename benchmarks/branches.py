@@ -15,7 +15,6 @@ Prints a markdown table, then ONE line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 from diffusers import (SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,  # noqa: E402
                        UNet2DConditionModel)
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine import resolve_guidance  # noqa: E402
 from guidance_engine.pipelines import default_model_path  # noqa: E402
 from guidance_engine.pipelines.common import UNetBranches  # noqa: E402
@@ -156,7 +156,7 @@ def main() -> None:
                "ratios": {f"{r['model']}/{r['method']}": round(r["ratio"], 4) for r in rows},
                "median_ratio": round(statistics.median(r["ratio"] for r in rows), 4)}
     print()
-    print(json.dumps(summary))
+    print(strict_json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ Prints a markdown table, then ONE line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
 from guidance_engine.pipelines.evaluation import DEFAULT_PROMPTS, evaluate  # noqa: E402
 
@@ -44,7 +44,7 @@ def main() -> None:
         print(f"| {r['method']} | {r['nfe']:.0f} | {r['alignment']:.3f} | {r['fd']:.1f} | {r['saturation']:.3f} | "
               f"{r['diversity']:.3f} |")
     print()
-    print(json.dumps({"benchmark": "fkc_default", "scale": args.scale, "particles": k, "steps": n,
+    print(strict_json.dumps({"benchmark": "fkc_default", "scale": args.scale, "particles": k, "steps": n,
                       "seeds": args.seeds, "rows": {r["method"]: {key: round(float(r[key]), 4) for key in
                                                                   ("nfe", "alignment", "fd", "saturation")}
                                                     for r in rows}}))

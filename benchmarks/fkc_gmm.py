@@ -15,7 +15,6 @@ then ONE line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -23,6 +22,7 @@ import warnings
 import torch
 from diffusers import DDIMScheduler
 
+from guidance_engine import strict_json
 from guidance_engine import CFG
 from guidance_engine.gmm import (GaussianMixture, GMMBranchModel, grid_kl, grid_probabilities,
                                  guided_log_density, mmd, sample_guided_target)
@@ -113,7 +113,7 @@ def main() -> None:
                "fkc_kl_per_k": {k: r["kl"] for k, r in fkc.items()},
                "fkc_mmd2_per_k": {k: r["mmd2"] for k, r in fkc.items()}}
     print()
-    print(json.dumps(summary, default=str).replace("NaN", "null"))  # no KL in D > 2
+    print(strict_json.dumps(summary))  # no KL in D > 2: "nan"
 
 
 if __name__ == "__main__":

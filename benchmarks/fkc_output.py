@@ -12,12 +12,12 @@ Prints a markdown table, then ONE line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 
 import torch
 from diffusers import DDIMScheduler
 
+from guidance_engine import strict_json
 from guidance_engine import CFG
 from guidance_engine.gmm import (GaussianMixture, GMMBranchModel, guided_log_density, sample_guided_target,
                                  wasserstein1_1d)
@@ -75,7 +75,7 @@ def main() -> None:
         print(f"| {r['trigger']} | {r['k']} | {r['population']:.4f} | {r['draw']:.4f} | "
               f"{r['draw'] / r['population']:.2f} | {r['row0']:.4f} |")
     print()
-    print(json.dumps({"benchmark": "fkc_output", "scale": args.scale, "steps": args.steps, "groups": args.groups,
+    print(strict_json.dumps({"benchmark": "fkc_output", "scale": args.scale, "steps": args.steps, "groups": args.groups,
                       "seeds": args.seeds, "floor_w1": round(floor, 4), "cfg_w1": round(cfg, 4),
                       "rows": {f"{r['trigger']}_k{r['k']}": {key: round(r[key], 4) for key in
                                                              ("population", "draw", "row0")} for r in rows}}))

@@ -20,7 +20,6 @@ markdown table, then ONE line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedDiTPipeline  # noqa: E402
 from guidance_engine.pipelines import guide_classifier  # noqa: E402
 from guidance_engine.pipelines.evaluation import (DEFAULT_PROMPTS, frechet_distance, image_stats,  # noqa: E402
@@ -240,7 +240,7 @@ def main() -> None:
     for r in rows:
         r.pop("correct")
     clean = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    print(json.dumps({"benchmark": "gfcg", "kind": args.kind, "steps": args.steps, "seeds": args.seeds,
+    print(strict_json.dumps({"benchmark": "gfcg", "kind": args.kind, "steps": args.steps, "seeds": args.seeds,
                       "seed_offset": args.seed_offset, "rows": clean}))
 
 

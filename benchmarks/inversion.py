@@ -18,7 +18,6 @@ Prints markdown tables, then ONE line of JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path, shapes  # noqa: E402
 from guidance_engine.pipelines.evaluation import load_classifier  # noqa: E402
 
@@ -168,7 +168,7 @@ def main() -> None:
         "edit": edit_rows,
     }
     print()
-    print(json.dumps(summary))
+    print(strict_json.dumps(summary))
 
 
 if __name__ == "__main__":

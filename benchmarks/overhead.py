@@ -11,7 +11,6 @@ median wall time of each and their ratio. Prints a markdown table, then ONE line
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
                        StableDiffusionPipeline, UNet2DConditionModel)
 
+from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
 from guidance_engine.pipelines.tiny_models import tiny_sd_components  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
                "ratios": {f"{r['model']}/{r['scheduler']}/{r['variant']}": round(r["ratio_to_stock"], 4)
                           for r in rows if r["variant"] != "stock"}}
     print()
-    print(json.dumps(summary))
+    print(strict_json.dumps(summary))
 
 
 if __name__ == "__main__":

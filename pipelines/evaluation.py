@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+
 import math
 import os
 import time
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guidance_engine import strict_json
 from . import shapes
 from .models import default_model_path, load_pipeline
 
@@ -207,8 +209,8 @@ def train_classifier(kind: str = "eval", steps: int = 1500, n_train: int = 20000
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {**model.config}
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"config": json.dumps(config), "kind": kind, "held_out_accuracy": json.dumps(acc),
-                        "data_seed": str(arch["data_seed"]), "steps": str(steps)})
+              metadata={"config": strict_json.dumps(config), "kind": kind,
+                        "held_out_accuracy": strict_json.dumps(acc), "data_seed": str(arch["data_seed"]), "steps": str(steps)})
     _CLASSIFIER_CACHE.pop((kind, str(path)), None)
     return acc
 
@@ -502,14 +504,14 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.cmd == "train-classifiers":
         for kind in args.kinds:
             path = Path(args.out) / f"{kind}.safetensors" if args.out else None
-            print(kind, json.dumps(train_classifier(kind, steps=args.steps, threads=args.threads, out=path)))
+            print(kind, strict_json.dumps(train_classifier(kind, steps=args.steps, threads=args.threads, out=path)))
         return
     torch.set_num_threads(args.threads)
     pipe = _load_default_pipe()
     rows = evaluate(pipe, list(RECOMMENDED_METHODS), DEFAULT_PROMPTS, range(args.seeds), args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "default_model_eval.json").write_text(json.dumps(rows, indent=1))
+    (out / "default_model_eval.json").write_text(strict_json.dumps(rows, indent=1))
     plot_metrics(rows, out / "default_model_metrics.png")
     compare_grid(pipe, "a red circle on a blue background",
                  [{"name": "cfg", "scale": 1.0}, {"name": "cfg", "scale": 7.5}, {"name": "apg", "scale": 7.5},

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from guidance_engine import strict_json
+
 from . import shapes
 
 __all__ = ["build_tokenizer", "build_models", "build_reference_unet", "main", "plot_losses", "train"]
@@ -336,7 +338,7 @@ def train(args: argparse.Namespace) -> Path:
             "reference_steps": args.reference_steps,
             "scaling_factor": sf, "threads": args.threads, "fp16": bool(args.fp16),
             "vae_seconds": state.get("vae_seconds"), "unet_seconds": state.get("unet_seconds")}
-    (work / "train_info.json").write_text(json.dumps(info, indent=2))
+    (work / "train_info.json").write_text(strict_json.dumps(info, indent=2))
     if args.plot:
         plot_losses(state["losses"], args.plot)
     print(f"saved {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.2f} MB); {info}")

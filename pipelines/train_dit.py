@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from guidance_engine import strict_json
+
 from . import shapes
 
 __all__ = ["NUM_CLASSES", "build_transformer", "build_scheduler", "class_labels", "main", "train"]
@@ -191,7 +193,7 @@ def train(args: argparse.Namespace) -> Path:
             "heads": args.heads, "vae": str(args.vae), "scaling_factor": sf, "threads": args.threads,
             "fp16": bool(args.fp16), "seconds": round(seconds, 1),
             "final_loss_mean_100": float(np.mean([r["loss"] for r in state["losses"][-100:]]))}
-    (work / "train_info.json").write_text(json.dumps(info, indent=2))
+    (work / "train_info.json").write_text(strict_json.dumps(info, indent=2))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     print(f"saved {out} ({size:.2f} MB); {info}")
     return out

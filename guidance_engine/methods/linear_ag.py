@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from .. import strict_json
 from ..guidance import Guidance, GuidedPrediction, StepInfo, param
 from ..prediction import Prediction
 from ..registry import register
@@ -87,7 +88,7 @@ def save_calibration(directory: str | Path, coefficients: torch.Tensor, metadata
     save_file({"coefficients": coefficients.contiguous()}, str(tmp))
     tmp.replace(directory / COEFFICIENTS_FILE)
     tmp_json = directory / (METADATA_FILE + ".tmp")
-    tmp_json.write_text(json.dumps(metadata, indent=2))
+    tmp_json.write_text(strict_json.dumps(metadata, indent=2))
     tmp_json.replace(directory / METADATA_FILE)
 
 
