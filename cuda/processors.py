@@ -147,7 +147,10 @@ def set_attention(pipe_or_unet, name: str) -> str:
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     if not hasattr(unet, "set_attn_processor"):
         raise ValueError(f"set_attention: expected a pipeline with a UNet or a UNet, got {type(pipe_or_unet).__name__}")
-    foreign = sorted({type(p).__name__ for p in unet.attn_processors.values() if not isinstance(p, _KNOWN)})
+    from guidance_engine.pipelines.row_plan import unwrapped  # a row-plan dispatcher is looked through
+
+    foreign = sorted({type(unwrapped(p)).__name__ for p in unet.attn_processors.values()
+                      if not isinstance(unwrapped(p), _KNOWN)})
     if foreign:
         raise ValueError(f"set_attention: supports self/cross-attention UNets (AttnProcessor2_0); this model "
                          f"uses {foreign} (joint attention, adapters), left unchanged")

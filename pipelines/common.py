@@ -4,6 +4,7 @@ UNet, the callback adapter, and the call into the sampler core. Pipelines stay t
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -23,13 +24,16 @@ from guidance_engine.samplers.schedule import is_flow_scheduler
 if TYPE_CHECKING:
     from .image_input import ImageInput
 
-from .attention_probe import recorded_attention
 from .messages import PromptTruncatedWarning
-from .perturbation import perturbed_layers, resolve_layers
+from .perturbation import resolve_layers
+from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
 #: What a particle method returns: one image per group drawn by the final weights, or every particle.
 PARTICLE_OUTPUTS: tuple[str, ...] = ("draw", "all")
+#: Held while a tokenizer runs (prompt encoding, truncation checks): the shared fast tokenizers of
+#: transformers are not thread-safe. Re-entrant: SDXL's and SD3's encoders nest.
+TEXT_LOCK = threading.RLock()
 #: The ``output_type`` values every guided pipeline accepts (the stock ones).
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 
@@ -58,37 +62,6 @@ class GuidedPipelineOutput(BaseOutput):
     sampler: str = ""
     guidance_state: Any = None
     warnings: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def perturbed_time_embedding(modules: Sequence[Any], spans: list[tuple[int, int, Any]]):
-    """Add noise to the time-step embedding (after its MLP) of the rows in ``spans`` only, for one
-    forward; the hooks are removed in ``finally``, so the model is never left altered.
-
-    ``modules``: the network's time-embedding MLPs. A UNet has one; a diffusers DiT one per block
-    (all fed the same t; diffusers' DiT conversion script copies the original's one ``t_embedder``
-    into every block). A span's noise is drawn once per forward and added wherever
-    the embedding is computed, scaled by that embedding's std."""
-    if not spans:
-        yield
-        return
-    drawn: dict[int, torch.Tensor] = {}
-
-    def hook(module, inputs, emb):
-        emb = emb.clone()
-        for i, (start, end, branch) in enumerate(spans):
-            rows = emb[start:end]
-            if i not in drawn:
-                drawn[i] = torch.randn(rows.shape, generator=branch.generator, dtype=torch.float32)
-            emb[start:end] = rows + branch.time_noise * rows.float().std() * drawn[i].to(rows)
-        return emb
-
-    handles = [module.register_forward_hook(hook) for module in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class UNetBranches:
@@ -227,14 +200,27 @@ class UNetBranches:
 
     @contextlib.contextmanager
     def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
-        """The alterations of ``spans`` for one forward of ``model``, undone in ``finally``."""
-        time_spans = [span for span in spans if span[2].time_noise > 0 and span[2].probe is None]
-        layer_spans = [span for span in spans if span[2].perturb is not None and span[2].probe is None]
-        probe_spans = [(start, end, branch.probe) for start, end, branch in spans if branch.probe is not None]
-        latent_hw = tuple(x_in.shape[-2:])
-        with perturbed_time_embedding(self.time_embeddings(model) if time_spans else [], time_spans), \
-                perturbed_layers(model, layer_spans, latent_hw, self.layers), \
-                recorded_attention(model, probe_spans, latent_hw, self.layers):
+        """The alterations of ``spans`` as the row plan of one forward of ``model`` (TSG's time
+        noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only."""
+        plan = RowPlan(latent_hw=tuple(x_in.shape[-2:]))
+        for start, end, branch in spans:
+            if branch.probe is not None:
+                _, module = self.layers(model, Perturbation("identity", branch.probe.layers))[0]
+                install_processor(module)
+                plan.probes.setdefault(module, []).append((start, end, branch.probe))
+            elif branch.perturb is not None:
+                skip = branch.perturb.kind == "skip"
+                for _, module in self.layers(model, branch.perturb):
+                    install_block(module) if skip else install_processor(module)
+                    (plan.blocks if skip else plan.attention).setdefault(module, []).append(
+                        (start, end, branch.perturb))
+            if branch.probe is None and branch.time_noise > 0:
+                plan.time.append((start, end, branch))
+        if plan.time:
+            plan.time_modules = set(self.time_embeddings(model))
+            for module in plan.time_modules:
+                install_time_hook(module)
+        with active(plan):
             yield
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
@@ -326,6 +312,13 @@ class GuidedPipelineMixin:
             overrides["rescale"] = guidance_rescale
         return resolve_guidance(guidance, **overrides)
 
+    def encode_prompt(self, *args: Any, **kwargs: Any):
+        """The stock ``encode_prompt``, one call at a time: transformers' fast tokenizers are not
+        thread-safe (a concurrent call can return unpadded ids), and the stock method tokenizes
+        twice. The text encoders' forwards are short next to sampling."""
+        with TEXT_LOCK:
+            return super().encode_prompt(*args, **kwargs)
+
     def truncated_prompts(self, **texts: str | list[str] | None) -> list[str]:
         """One sentence per prompt longer than the text encoder reads (``texts``: parameter name ->
         prompt(s)), each also issued as a :class:`PromptTruncatedWarning`. The stock pipelines cut
@@ -338,7 +331,8 @@ class GuidedPipelineMixin:
         for name, value in texts.items():
             listed = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
             for text in (item for item in listed if isinstance(item, str)):  # types are checked elsewhere
-                ids = tokenizer(text, truncation=False)["input_ids"]
+                with TEXT_LOCK:
+                    ids = tokenizer(text, truncation=False)["input_ids"]
                 if len(ids) > limit:
                     cut = tokenizer.decode(ids[limit - 1:], skip_special_tokens=True)
                     messages.append(f"{name}: {text!r} is {len(ids)} tokens, the text encoder reads {limit} "

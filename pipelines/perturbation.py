@@ -1,12 +1,13 @@
 """Perturbation guidance inside the one batched forward: alter a network for some rows only.
 
 PAG, SEG and SLG guide away from a prediction of the same network with an altered inner
-computation. Here that prediction is one more slice of the batch: for one forward,
-:func:`perturbed_layers` puts a row-aware processor on the chosen self-attention layers (identity
-attention or blurred queries on the perturbed rows, the layer's own processor on the others) or a
-row-aware wrapper on the chosen transformer blocks (the perturbed rows pass through unchanged),
-and restores every original object in ``finally``. The model is therefore never left altered, not
-even by an exception, and a stock pipeline sharing the components sees its own processors.
+computation. Here that prediction is one more slice of the batch: the forward's row plan
+(:mod:`.row_plan`) names the perturbed rows, and the dispatchers installed once on the chosen
+layers call :func:`perturbed_rows` (identity attention or blurred queries on the perturbed rows,
+the layer's own processor on the others) or :func:`skipping_forward` (the perturbed rows pass a
+transformer block unchanged). Nothing on the model changes per call, so concurrent calls on one
+pipeline never see each other's perturbations, and a stock pipeline sharing the components
+computes what it computed before.
 
 Layer names (``Perturbation.layers``), resolved by :func:`resolve_layers` before any model call:
     UNets: "mid", "down", "up" (every self-attention layer of that part), "down.1" (down block 1),
@@ -17,10 +18,9 @@ Layer names (``Perturbation.layers``), resolved by :func:`resolve_layers` before
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +28,16 @@ from torch import nn
 
 from guidance_engine.guidance import Perturbation
 
-__all__ = ["DEFAULT_LAYERS", "gaussian_blur_queries", "model_family", "perturbed_layers", "resolve_layers"]
+from .row_plan import original_processor
+
+__all__ = ["DEFAULT_LAYERS", "gaussian_blur_queries", "model_family", "perturbed_rows", "resolve_layers",
+           "skipping_forward"]
 
 DEFAULT_LAYERS: dict[str, tuple[str | int, ...]] = {"unet": ("mid",), "transformer": (7, 8, 9)}
 _SHORT = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
 # What a skipped block returns, by class: its inputs under these names, in its output order.
 _SKIP_OUTPUTS = {"BasicTransformerBlock": ("hidden_states",),
                  "JointTransformerBlock": ("encoder_hidden_states", "hidden_states")}
-_MISSING = object()
 
 
 def model_family(model: nn.Module) -> str:
@@ -113,7 +115,7 @@ def resolve_layers(model: nn.Module, perturbation: Perturbation, owner: str = "g
         if perturbation.kind == "skip" and type(module).__name__ not in _SKIP_OUTPUTS:
             raise ValueError(f"{owner}: cannot skip block {name} of type {type(module).__name__} "
                              f"(supported: {', '.join(_SKIP_OUTPUTS)})")
-        if perturbation.kind != "skip" and isinstance(module.processor, nn.Module):
+        if perturbation.kind != "skip" and isinstance(original_processor(module), nn.Module):
             raise ValueError(f"{owner}: layer {name} has a trainable processor ({type(module.processor).__name__}, "
                              "e.g. IP-Adapter); perturbing it is not supported")
     return list(chosen.items())
@@ -152,7 +154,7 @@ def gaussian_blur_queries(query: torch.Tensor, height: int, width: int, sigma: f
     return grid.reshape(b, c, n).transpose(1, 2)
 
 
-def _grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+def token_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """The token grid of a UNet level: the latent size divided by 2^l (rounded up, as the
     stride-2 convolutions do), or a square."""
     height, width = latent_hw
@@ -193,7 +195,7 @@ def _perturbed_attention(attn, hidden_states: torch.Tensor, temb: torch.Tensor |
         out = attn.to_v(hidden_states)  # softmax(QK^T) replaced by the identity matrix
     else:
         batch, tokens, _ = hidden_states.shape
-        grid = (height, width) if input_ndim == 4 else _grid(tokens, latent_hw)
+        grid = (height, width) if input_ndim == 4 else token_grid(tokens, latent_hw)
         query = gaussian_blur_queries(attn.to_q(hidden_states), *grid, perturbation.sigma)
         key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
@@ -230,7 +232,7 @@ def _perturbed_joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden
 
     query = attn.to_q(hidden_states)
     if perturbation.kind == "blur":
-        query = gaussian_blur_queries(query, *_grid(image_tokens, latent_hw), perturbation.sigma)
+        query = gaussian_blur_queries(query, *token_grid(image_tokens, latent_hw), perturbation.sigma)
     query, key, value = split(query), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
@@ -260,12 +262,12 @@ def _perturbed_joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden
     return attn.to_out[1](attn.to_out[0](out)), context
 
 
-def _take(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
+def take_rows(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
     """``value`` restricted to ``rows`` when it is a per-row tensor (or a dict of them)."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
         return value[rows]
     if isinstance(value, dict):
-        return {k: _take(v, rows, batch) for k, v in value.items()}
+        return {k: take_rows(v, rows, batch) for k, v in value.items()}
     return value
 
 
@@ -283,60 +285,33 @@ def _plain_rows(batch: int, segments: Sequence[tuple[int, int, Any]]) -> torch.T
     return rows
 
 
-class RowProcessor:
-    """Wraps a layer's attention processor for one forward, acting on the rows in ``segments``
-    (start, end, what to do there); the keyword arguments a call passes on are those the
-    original processor accepts."""
-
-    def __init__(self, original: Callable, segments: Sequence[tuple[int, int, Any]], latent_hw: tuple[int, int]
-                 ) -> None:
-        self.original = original
-        self.segments = list(segments)
-        self.latent_hw = latent_hw
-        parameters = inspect.signature(original.__call__).parameters
-        self._takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        self._names = set(parameters)
-
-    def accepted(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in kwargs.items() if self._takes_any or k in self._names}
-
-
-class RowPerturbedProcessor(RowProcessor):
-    """Rows in ``segments`` (start, end, perturbation) get the perturbed self-attention, all other
-    rows the original processor (one call on their rows, so the unperturbed branches compute
-    exactly what they would alone)."""
-
-    def __init__(self, original: Callable, segments: Sequence[tuple[int, int, Perturbation]],
-                 latent_hw: tuple[int, int]) -> None:
-        super().__init__(original, segments, latent_hw)
-        self._plain: dict[int, torch.Tensor | slice | None] = {}  # by batch size: the same every call
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        kwargs = self.accepted(kwargs)
-        batch = hidden_states.shape[0]
-        parts: list[tuple[torch.Tensor | slice, torch.Tensor]] = []
-        if batch not in self._plain:
-            self._plain[batch] = _plain_rows(batch, self.segments)
-        plain = self._plain[batch]
-        if plain is not None:
-            parts.append((plain, self.original(attn, hidden_states[plain],
-                                               encoder_hidden_states=_take(encoder_hidden_states, plain, batch),
-                                               attention_mask=_take(attention_mask, plain, batch),
-                                               **_take(kwargs, plain, batch))))
-        joint = encoder_hidden_states is not None and _is_joint_attention(attn)
-        for start, end, perturbation in self.segments:
-            rows = slice(start, end)
-            if joint:  # (image, text) streams; "identity" and "blur" resolve to joint layers
-                parts.append((rows, _perturbed_joint_attention(attn, hidden_states[rows], encoder_hidden_states[rows],
-                                                               perturbation, self.latent_hw)))
-            else:
-                parts.append((rows, _perturbed_attention(attn, hidden_states[rows],
-                                                         _take(kwargs.get("temb"), rows, batch), perturbation,
-                                                         self.latent_hw)))
-        if joint:
-            return tuple(_merge([(rows, value[k]) for rows, value in parts], batch) for k in range(2))
-        return _merge(parts, batch)
+def perturbed_rows(original: Callable, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                   attention_mask: torch.Tensor | None, kwargs: dict[str, Any],
+                   segments: Sequence[tuple[int, int, Perturbation]], latent_hw: tuple[int, int]
+                   ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """One attention layer's call on a batch whose rows in ``segments`` (start, end, perturbation)
+    get the perturbed self-attention; all other rows go through the ``original`` processor in one
+    call on their rows, so the unperturbed branches compute exactly what they would alone."""
+    batch = hidden_states.shape[0]
+    parts: list[tuple[torch.Tensor | slice, torch.Tensor]] = []
+    plain = _plain_rows(batch, segments)
+    if plain is not None:
+        parts.append((plain, original(attn, hidden_states[plain],
+                                      encoder_hidden_states=take_rows(encoder_hidden_states, plain, batch),
+                                      attention_mask=take_rows(attention_mask, plain, batch),
+                                      **take_rows(kwargs, plain, batch))))
+    joint = encoder_hidden_states is not None and _is_joint_attention(attn)
+    for start, end, perturbation in segments:
+        rows = slice(start, end)
+        if joint:  # (image, text) streams; "identity" and "blur" resolve to joint layers
+            parts.append((rows, _perturbed_joint_attention(attn, hidden_states[rows], encoder_hidden_states[rows],
+                                                           perturbation, latent_hw)))
+        else:
+            parts.append((rows, _perturbed_attention(attn, hidden_states[rows], take_rows(kwargs.get("temb"), rows, batch),
+                                                     perturbation, latent_hw)))
+    if joint:
+        return tuple(_merge([(rows, value[k]) for rows, value in parts], batch) for k in range(2))
+    return _merge(parts, batch)
 
 
 def _merge(parts: Sequence[tuple[torch.Tensor | slice, torch.Tensor]], batch: int) -> torch.Tensor:
@@ -349,7 +324,7 @@ def _merge(parts: Sequence[tuple[torch.Tensor | slice, torch.Tensor]], batch: in
     return out
 
 
-def _skipping_forward(block: nn.Module, forward: Callable, segments: Sequence[tuple[int, int, Any]]) -> Callable:
+def skipping_forward(block: nn.Module, forward: Callable, segments: Sequence[tuple[int, int, Any]]) -> Callable:
     """``block.forward`` for one call: rows in ``segments`` leave the block unchanged (their inputs
     are its outputs), the others go through the original forward on their rows only."""
     names = _SKIP_OUTPUTS[type(block).__name__]
@@ -363,7 +338,7 @@ def _skipping_forward(block: nn.Module, forward: Callable, segments: Sequence[tu
         passed = tuple(inputs.get(name) for name in names)
         if plain is None:
             return passed[0] if len(names) == 1 else passed
-        result = forward(**{k: _take(v, plain, batch) for k, v in inputs.items()})
+        result = forward(**{k: take_rows(v, plain, batch) for k, v in inputs.items()})
         result_tuple = (result,) if len(names) == 1 else tuple(result)
         merged = []
         for computed, original in zip(result_tuple, passed):
@@ -378,36 +353,3 @@ def _skipping_forward(block: nn.Module, forward: Callable, segments: Sequence[tu
         return merged[0] if len(names) == 1 else tuple(merged)
 
     return skipping
-
-
-@contextlib.contextmanager
-def perturbed_layers(model: nn.Module, spans: Sequence[tuple[int, int, Any]], latent_hw: tuple[int, int],
-                     resolve: Callable[[nn.Module, Perturbation], list[tuple[str, nn.Module]]] = resolve_layers
-                     ) -> Iterator[None]:
-    """For one forward of ``model``: the rows [start, end) of each span see the span's branch
-    perturbation (``branch.perturb``); every processor and forward is restored in ``finally``."""
-    if not spans:
-        yield
-        return
-    attention: dict[nn.Module, list[tuple[int, int, Perturbation]]] = {}
-    blocks: dict[nn.Module, list[tuple[int, int, Perturbation]]] = {}
-    for start, end, branch in spans:
-        target = blocks if branch.perturb.kind == "skip" else attention
-        for _, module in resolve(model, branch.perturb):
-            target.setdefault(module, []).append((start, end, branch.perturb))
-    restore: list[Callable[[], None]] = []
-    try:
-        for module, segments in attention.items():
-            original = module.processor
-            module.processor = RowPerturbedProcessor(original, segments, latent_hw)
-            restore.append(lambda m=module, p=original: setattr(m, "processor", p))
-        for module, segments in blocks.items():
-            saved = module.__dict__.get("forward", _MISSING)
-            module.forward = _skipping_forward(module, module.forward, segments)
-            restore.append(lambda m=module, s=saved: m.__dict__.pop("forward") if s is _MISSING
-                           else setattr(m, "forward", s))
-        yield
-    finally:
-        for undo in reversed(restore):
-            undo()
-

@@ -1,4 +1,4 @@
-"""TSG: the perturbation reaches only its rows, is redrawn every step, and leaves the model intact."""
+"""TSG: the perturbation reaches only its rows, is redrawn every step, and leaves the model intact (one\ninert dispatcher hook, installed once)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import torch
 
 from guidance_engine import CFG
 from guidance_engine.methods.tsg import TSG
+from guidance_engine.pipelines import row_plan
+from guidance_engine.pipelines.row_plan import current
 from conftest import PROMPT, seeded
+
+
+def _only_the_dispatcher(module) -> bool:
+    return [hook for hook in module._forward_hooks.values()] == [row_plan._time_noise_hook]
 
 
 def _spy_time_embedding(pipe):
@@ -32,23 +38,24 @@ def test_only_the_tsg_rows_are_perturbed_and_noise_is_fresh_each_step(sd_pair) -
     real_forward = guided.unet.time_embedding.forward
     seen, spy = _spy_time_embedding(guided)
     from guidance_engine.pipelines import common
-    original = common.perturbed_time_embedding
+    original = common.active
 
-    def recording(unet, spans):
-        outputs.append([(a, b, float(branch.time_noise)) for a, b, branch in spans])
-        return original(unet, spans)
+    def recording(plan):  # the row plan of each forward: which rows get time noise
+        if plan.time:
+            outputs.append([(a, b, float(branch.time_noise)) for a, b, branch in plan.time])
+        return original(plan)
 
-    common.perturbed_time_embedding = recording
+    common.active = recording
     try:
         out = guided(PROMPT, num_inference_steps=4, guidance=TSG(t_min=0.0), generator=seeded(0), output_type="latent")
     finally:
-        common.perturbed_time_embedding = original
+        common.active = original
         spy.remove()
     assert out.nfe == 8 and len(outputs) == 4 and len(seen) == 4
     assert all(spans == [(0, 1, spans[0][2])] for spans in outputs)  # rows [0, 1): the tsg branch only
     strengths = [spans[0][2] for spans in outputs]
     assert strengths == sorted(strengths, reverse=True) and strengths[0] <= 3.0  # s * t^alpha, t falling
-    assert not guided.unet.time_embedding._forward_hooks  # nothing left on the model
+    assert _only_the_dispatcher(guided.unet.time_embedding)  # installed once, inert without a plan
     assert guided.unet.time_embedding.forward == real_forward
 
 
@@ -79,4 +86,4 @@ def test_exception_inside_the_forward_leaves_no_hook(sd_pair) -> None:
     guided.unet.down_blocks[0].register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         guided(PROMPT, num_inference_steps=2, guidance=TSG(t_min=0.0))
-    assert not guided.unet.time_embedding._forward_hooks
+    assert _only_the_dispatcher(guided.unet.time_embedding) and current() is None

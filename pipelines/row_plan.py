@@ -1,0 +1,188 @@
+"""Row plans: what one batched forward alters, and for which rows, without touching the shared model.
+
+PAG, SEG, SLG, SAG and TSG alter some rows of one forward (identity or blurred attention, skipped
+blocks, an attention map read, noise on the time embedding). That alteration is a
+:class:`RowPlan`, an argument of the forward: :func:`active` holds it in a context variable for
+the forward's duration, so each thread (and each asyncio task) sees its own plan and no other.
+
+The network carries dispatchers, installed once (under a lock) on the layers a plan first
+touches: an attention layer's processor is wrapped by a :class:`PlanProcessor`, a transformer
+block's forward by a :class:`PlanBlockForward`, a time-embedding MLP gets a forward hook. Without
+a plan naming their layer they call exactly what they wrap, with the same arguments, so every
+other call (a plain CFG run, a stock pipeline sharing the components) computes what it computed
+before; with one they alter the plan's rows only. Nothing is swapped per call, so there is
+nothing to restore when a forward raises, and concurrent calls on one pipeline cannot see each
+other's alterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "install_block",
+           "install_processor", "install_time_hook", "original_processor", "unwrapped"]
+
+#: (start, end, what to do there): rows [start, end) of the forward's batch.
+Segment = tuple[int, int, Any]
+
+_PLAN: ContextVar["RowPlan | None"] = ContextVar("guidance_engine_row_plan", default=None)
+_INSTALL = threading.Lock()
+_TIME_HOOKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+@dataclass
+class RowPlan:
+    """The alterations of one forward. ``attention``: attention layer -> segments of Perturbations
+    (PAG's identity, SEG's blur); ``probes``: attention layer -> segments of attention probes
+    (SAG reads the map); ``blocks``: transformer block -> segments skipped (SLG); ``time``:
+    segments of branches with ``time_noise`` (TSG) on the outputs of ``time_modules``.
+    ``latent_hw``: the latent size, to place tokens on their grid."""
+
+    latent_hw: tuple[int, int]
+    attention: dict[nn.Module, list[Segment]] = field(default_factory=dict)
+    probes: dict[nn.Module, list[Segment]] = field(default_factory=dict)
+    blocks: dict[nn.Module, list[Segment]] = field(default_factory=dict)
+    time: list[Segment] = field(default_factory=list)
+    time_modules: set[nn.Module] = field(default_factory=set)
+    #: TSG's noise, drawn once per forward and span, added wherever the embedding is computed
+    drawn: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.attention or self.probes or self.blocks or self.time)
+
+
+def current() -> RowPlan | None:
+    """The plan of the forward running in this context (None outside one)."""
+    return _PLAN.get()
+
+
+@contextlib.contextmanager
+def active(plan: RowPlan) -> Iterator[RowPlan]:
+    """``plan`` in force for the forward run inside; reset on exit, whatever happens."""
+    token = _PLAN.set(plan if plan else None)
+    try:
+        yield plan
+    finally:
+        _PLAN.reset(token)
+
+
+# --------------------------------------------------------------------------- attention layers
+class PlanProcessor:
+    """An attention layer's processor behind a dispatcher: the layer's own processor
+    (``original``) unless the current plan names this layer. Its call signature is the
+    original's, so diffusers passes it exactly the keyword arguments the original accepts."""
+
+    def __init__(self, original: Callable) -> None:
+        self.original = original
+
+    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        plan = _PLAN.get()
+        if plan is not None and (attn in plan.probes or attn in plan.attention):
+            from .attention_probe import record_attention
+            from .perturbation import perturbed_rows
+
+            encoder_hidden_states = kwargs.pop("encoder_hidden_states", args[0] if args else None)
+            attention_mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
+            if attn in plan.probes:
+                record_attention(attn, hidden_states, kwargs, plan.probes[attn], plan.latent_hw)
+            if attn in plan.attention:
+                return perturbed_rows(self.original, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                      kwargs, plan.attention[attn], plan.latent_hw)
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=attention_mask, **kwargs)
+        return self.original(attn, hidden_states, *args, **kwargs)
+
+
+_DISPATCHERS: dict[type, type] = {}
+
+
+def _dispatcher_class(original: Callable) -> type:
+    """A PlanProcessor subclass whose ``__call__`` has the original class's signature (diffusers
+    filters ``cross_attention_kwargs`` by the processor's signature)."""
+    kind = type(original)
+    if kind not in _DISPATCHERS:
+        def __call__(self, attn, hidden_states, *args, **kwargs):  # noqa: N807
+            return self.dispatch(attn, hidden_states, *args, **kwargs)
+
+        try:
+            __call__.__signature__ = inspect.signature(kind.__call__)
+        except (TypeError, ValueError):  # a builtin callable: keep the generic signature
+            pass
+        _DISPATCHERS[kind] = type(f"Plan{kind.__name__}", (PlanProcessor,), {"__call__": __call__})
+    return _DISPATCHERS[kind]
+
+
+def unwrapped(processor: Any) -> Any:
+    """``processor`` itself, or the one a dispatcher wraps."""
+    return processor.original if isinstance(processor, PlanProcessor) else processor
+
+
+def original_processor(module: nn.Module) -> Any:
+    """The processor a layer has of its own (under a dispatcher, the one it wraps)."""
+    return unwrapped(module.processor)
+
+
+def install_processor(module: nn.Module) -> None:
+    """Put a dispatcher in front of ``module``'s processor, once (again if the processor was
+    replaced since, e.g. by ``set_attn_processor``)."""
+    with _INSTALL:
+        if not isinstance(module.processor, PlanProcessor):
+            module.processor = _dispatcher_class(module.processor)(module.processor)
+
+
+# --------------------------------------------------------------------------- transformer blocks
+class PlanBlockForward:
+    """A transformer block's forward behind a dispatcher: the block's own forward unless the
+    current plan skips some of its rows (those rows then leave the block unchanged)."""
+
+    def __init__(self, block: nn.Module, forward: Callable) -> None:
+        self.block = block
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        plan = _PLAN.get()
+        if plan is not None and self.block in plan.blocks:
+            from .perturbation import skipping_forward
+
+            return skipping_forward(self.block, self.forward, plan.blocks[self.block])(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+
+def install_block(block: nn.Module) -> None:
+    """Put a dispatcher in front of ``block.forward``, once."""
+    with _INSTALL:
+        if not isinstance(vars(block).get("forward"), PlanBlockForward):
+            block.forward = PlanBlockForward(block, block.forward)
+
+
+# --------------------------------------------------------------------------- time embedding
+def _time_noise_hook(module: nn.Module, inputs: Any, emb: torch.Tensor) -> torch.Tensor | None:
+    """Add each TSG span's noise (drawn once per forward, scaled by this embedding's std) to its
+    rows of the embedding; without a plan for this module the output is left as it is."""
+    plan = _PLAN.get()
+    if plan is None or not plan.time or module not in plan.time_modules:
+        return None
+    emb = emb.clone()
+    for i, (start, end, branch) in enumerate(plan.time):
+        rows = emb[start:end]
+        if i not in plan.drawn:
+            plan.drawn[i] = torch.randn(rows.shape, generator=branch.generator, dtype=torch.float32)
+        emb[start:end] = rows + branch.time_noise * rows.float().std() * plan.drawn[i].to(rows)
+    return emb
+
+
+def install_time_hook(module: nn.Module) -> None:
+    """Hook ``module`` (a time-embedding MLP) once."""
+    with _INSTALL:
+        if module not in _TIME_HOOKED:
+            module.register_forward_hook(_time_noise_hook)
+            _TIME_HOOKED.add(module)
