@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,6 @@ from guidance_engine.registry import method_class, method_names, resolve_guidanc
 from guidance_engine.samplers.loop import check_run
 
 from .cli_checks import SEED_MAX
-from .messages import PromptTruncatedWarning
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +126,8 @@ class Generator:
         self.device = device
         #: a class-conditional (DiT) pipeline: the prompt is a class name or id, no negative prompt
         self.class_conditional = hasattr(pipe, "class_ids")
-        # The pipeline's models are shared and keep per-call state (guidance hooks, progress bar), so
-        # they are not thread-safe: model calls take turns here whatever the queue's concurrency.
-        self.lock = threading.Lock()
+        # No lock: a pipeline serves concurrent calls (per-forward row plans, a tokenizer lock;
+        # tests/test_concurrency.py), so the queue's concurrency limit is how many run at once.
 
     def validate(self, prompt: Any, methods: Any, steps: Any, seed: Any, scales: dict[str, Any],
                  negative_prompt: str | None = None) -> list[tuple[str, Guidance]]:
@@ -189,13 +185,11 @@ class Generator:
         gallery, stats, notes = [], [], []
         for name, guidance in guidances:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-            with self.lock, warnings.catch_warnings():  # a cut prompt is said in the page, below
-                warnings.simplefilter("ignore", PromptTruncatedWarning)
-                start = time.perf_counter()
-                out = generate_from_prompts(self.pipe, prompt, negative_prompt=negative_prompt,
-                                            num_inference_steps=steps, guidance=guidance,
-                                            generator=generator, sampler=SAMPLER_FOR.get(name))
-                seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            out = generate_from_prompts(self.pipe, prompt, negative_prompt=negative_prompt,
+                                        num_inference_steps=steps, guidance=guidance,
+                                        generator=generator, sampler=SAMPLER_FOR.get(name))
+            seconds = time.perf_counter() - start
             notes += [note for note in getattr(out, "warnings", []) if note not in notes]
             image = out.images[0]
             saturation = image_stats(np.asarray(image.convert("RGB"))[None])["saturation"]
@@ -328,8 +322,8 @@ def build_demo(pipe=None, model: str | None = None, device: str = "cpu"):
 def launch(model: str | None = None, host: str = "127.0.0.1", port: int | None = None, concurrency: int = 1,
            device: str = "cpu", **launch_kwargs):
     """Build and serve the demo (blocks until interrupted unless ``prevent_thread_lock=True``).
-    ``concurrency``: requests the queue runs at once; their model calls still take turns (one lock,
-    :class:`Generator`), so more than 1 only overlaps input checks and image encoding."""
+    ``concurrency``: requests served at once, each with its own model calls on the one shared
+    pipeline (memory grows with it: one batch of activations per request)."""
     if concurrency < 1:
         raise ValueError(f"--concurrency: must be an integer >= 1, got {concurrency}")
     demo = build_demo(model=model, device=device)

@@ -84,11 +84,10 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1",
                       help="address or host name of this machine to listen on (0.0.0.0: every interface)")
     demo.add_argument("--port", type=int, default=None,
-                      help="port in [1, 65535], 0: any free one (default: the first free of 7860-7959, as Gradio)")
+                      help="port in [0, 65535], 0: any free one (default: the first free of 7860-7959, as Gradio)")
     demo.add_argument("--concurrency", type=int, default=1,
-                      help="requests the queue runs at once; their model calls still take turns (one lock: the "
-                      "pipeline's models are shared and not thread-safe), so more than 1 only overlaps input "
-                      "checks and image encoding, and the other requests wait in the queue")
+                      help="requests served at once on the one pipeline (each in its own thread; memory grows "
+                      "with it); the others wait in the queue")
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     demo.set_defaults(func=cmd_demo)
     return demo
