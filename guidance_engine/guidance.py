@@ -162,13 +162,20 @@ class Guidance:
     #: what :meth:`scale_at` returns outside the interval. 1 for CFG-like methods (the conditional
     #: prediction alone); 0 for CFG++ (lambda = 0: denoise and renoise with the *unconditional*
     #: prediction) and for GFCG (its own weight off: CFG at ``cfg_scale``). Outside the interval
-    #: every method uses the conditional prediction alone, whatever this value.
+    #: a method's guidance is off whatever this value (what stays on: ``off_outside_interval``).
     neutral_scale: ClassVar[float] = 1.0
     #: True when the method needs fresh noise at every step (resampled particles must separate):
     #: the core refuses deterministic solvers before the first model call.
     requires_stochastic_sampler: ClassVar[bool] = False
     #: The parameters that ``schedule`` shapes (each checked to stay in its range at every step).
     shaped_scales: ClassVar[tuple[str, ...]] = ("scale",)
+    #: What the interval does not switch off: the overrides that, with an empty interval, leave
+    #: the conditional prediction alone (PAG/SEG/SLG/SAG: {"scale": 1}, their CFG part runs at
+    #: every step as in diffusers; CFG-Zero*: {"zero_steps": 0}, its zero-init is no guidance).
+    off_outside_interval: ClassVar[Mapping[str, Any]] = {}
+    #: False when ``combine`` needs every sample of the batch (SAG's second forward reads the
+    #: whole batch's attention): such a method cannot guide some rows only (AG's inner method).
+    runs_on_row_subsets: ClassVar[bool] = True
 
     scale: float = 1.0
     schedule: str = param("constant", choices=SCHEDULES, doc="shape of the strength over the run")
@@ -180,7 +187,7 @@ class Guidance:
     # -- validation and config ---------------------------------------------------------------
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            self._check(f.name, getattr(self, f.name), f.metadata)
+            self._check(f.name, getattr(self, f.name), f.metadata, integer=f.type in ("int", int))
         if self.sigma_min > self.sigma_max:
             raise ValueError(f"{self.name}: sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
         if self.start > self.stop:
@@ -205,10 +212,14 @@ class Guidance:
                     f"to {peak:g} (twice its mean {value:g} minus {self.neutral_scale:g}), outside the accepted "
                     f"{describe_range(meta)}; lower '{name}' or use schedule 'constant'")
 
-    def _check(self, name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    def _check(self, name: str, value: Any, meta: Mapping[str, Any], integer: bool = False) -> None:
+        """``value`` of parameter ``name`` in its declared range (an integer where the field is
+        annotated ``int``: 1.5 steps or a seed of 1.5 are refused, not truncated)."""
         if "low" not in meta or (value is None and meta.get("optional")):
             return  # not a param(): nested config, validated by its owner
-        where = f"{self.name}: parameter '{name}' must be {describe_range(meta)}"
+        where = f"{self.name}: parameter '{name}' must be {'an integer in ' if integer else ''}{describe_range(meta)}"
+        if integer and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where}, got {value!r}")
         choices = meta.get("choices")
         if choices is not None:
             if value not in choices:

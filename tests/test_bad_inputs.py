@@ -44,7 +44,7 @@ CASES: list[tuple[list[str], str]] = [
     (["generate", "x", "--method", "cfgpp", "--param", "schedule=linear"], "cfgpp: schedule 'linear' runs parameter 'scale' from 0 to 1.2"),
     (["generate", "x", "--method", "nope"], "nope"),
     (["generate", "x", "--param", "bogus"], "--param: expected NAME=VALUE, got 'bogus'"),
-    (["generate", "x", "--method", "fkc", "--param", "particles=0"], "fkc: parameter 'particles' must be [1, 4096], got 0"),
+    (["generate", "x", "--method", "fkc", "--param", "particles=0"], "fkc: parameter 'particles' must be an integer in [1, 4096], got 0"),
     (["compare", "x", "--seeds", "0"], "--seeds: must be an integer in [1, 1024], got 0"),
     (["compare", "x", "--seed", "-5"], "--seed: must be an integer in [0, 9223372036854775807], got -5"),
     (["compare", "x", "--steps", "0"], "--steps: must be an integer in [1, 1000], got 0"),

@@ -281,9 +281,9 @@ def test_targets_that_correct_the_prior_refuse_a_start_image_before_any_model_ca
 # -- errors ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: FKC(particles=0), r"fkc: parameter 'particles' must be \[1, 4096\], got 0"),
-    (lambda: FKC(particles=2.5), r"parameter 'particles' must be an integer, got 2.5"),
-    (lambda: FKC(every=0), r"parameter 'every' must be \[1, 10000\], got 0"),
+    (lambda: FKC(particles=0), r"fkc: parameter 'particles' must be an integer in \[1, 4096\], got 0"),
+    (lambda: FKC(particles=2.5), r"parameter 'particles' must be an integer in \[1, 4096\], got 2.5"),
+    (lambda: FKC(every=0), r"parameter 'every' must be an integer in \[1, 10000\], got 0"),
     (lambda: FKC(clamp=0.0), r"parameter 'clamp' must be \(0, inf\), got 0.0"),
     (lambda: FKC(ess_threshold=1.5), r"parameter 'ess_threshold' must be \[0, 1\], got 1.5"),
     (lambda: FKC(target="tilt"), r"parameter 'target' must be one of 'cfg', 'anneal', 'product', got 'tilt'"),

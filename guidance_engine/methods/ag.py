@@ -20,6 +20,7 @@ runs inside the method's own interval (``start``/``stop``, ``sigma_min``/``sigma
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -61,9 +62,15 @@ class AdaptiveGuidance(Guidance):
 
     name: ClassVar[str] = "ag"
     paper: ClassVar[str] = "Castillo et al., Adaptive Guidance, AAAI 2025 (arXiv 2312.12487)"
+    #: the interval bounds the switch test; the inner method guides until a sample switches
+    off_outside_interval: ClassVar[Mapping[str, Any]] = {"scale": 1.0}
 
     scale: float | None = param(None, low=0.0, high=100.0, optional=True,
                                 doc="the inner method's scale (None: the inner method's own)")
+    sigma_min: float = param(0.0, low=0.0, doc="test the switch only where sigma >= sigma_min (inner guides elsewhere)")
+    sigma_max: float = param(math.inf, low=0.0, doc="test the switch only where sigma <= sigma_max")
+    start: float = param(0.0, low=0.0, high=1.0, doc="test the switch only from this fraction of the steps")
+    stop: float = param(1.0, low=0.0, high=1.0, doc="test the switch only before this fraction of the steps")
     threshold: float = param(0.995, low=0.0, high=2.0,
                              doc="gamma_bar: switch once the cosine reaches it; > 1 never switches")
     space: str = param("x0", choices=("x0", "eps"), doc="the cosine between denoised (x0) or noise predictions")
@@ -72,9 +79,9 @@ class AdaptiveGuidance(Guidance):
 
     def __post_init__(self) -> None:
         inner = self.inner if isinstance(self.inner, Guidance) else resolve_guidance(self.inner)
-        if isinstance(inner, AdaptiveGuidance) or inner.name == "sag":
-            raise ValueError("ag: parameter 'inner' must be a guidance method other than ag and sag (SAG's "
-                             "degraded forward needs every sample's attention map)")
+        if isinstance(inner, AdaptiveGuidance) or not inner.runs_on_row_subsets:
+            raise ValueError(f"ag: parameter 'inner' must be a method that can guide some samples only (not ag, "
+                             f"nor a method whose combine needs the whole batch, as sag), got {inner.name!r}")
         if self.scale is not None:
             inner = inner.new(scale=self.scale)
         object.__setattr__(self, "inner", inner)

@@ -57,12 +57,6 @@ class APGMix(Guidance):
     momentum: float = param(-0.5, low=-1.0, high=1.0, doc="APG: beta, momentum of d (negative = reverse)")
     space: str = param("x0", choices=("x0", "model"), doc="x0 (the APG paper) or the raw model output")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.cfg_steps, int) or isinstance(self.cfg_steps, bool):
-            raise ValueError(  # noqa: TRY004 - the project's convention: ValueError naming the parameter
-                f"apg_mix: parameter 'cfg_steps' must be an integer in [0, 10000], got {self.cfg_steps!r}")
-
     def phase_scale(self, step: StepInfo) -> tuple[str, float]:
         """("cfg" or "apg", that phase's scale at this step, shaped by the schedule and interval)."""
         if step.index < self.cfg_steps:

@@ -51,6 +51,8 @@ class CFGZeroStar(Guidance):
 
     name: ClassVar[str] = "cfg_zero_star"
     paper: ClassVar[str] = "Fan et al., CFG-Zero*, arXiv 2503.18886"
+    #: the zero-init steps are part of the sampler's start, not guidance: the interval keeps them
+    off_outside_interval: ClassVar[Mapping[str, Any]] = {"zero_steps": 0}
 
     scale: float = param(4.0, low=0.0, high=100.0, doc="guidance scale s (1 = conditional only)")
     zero_steps: int = param(1, low=0, high=1000, doc="steps whose velocity is zeroed at the start")

@@ -128,12 +128,6 @@ class FDG(Guidance):
     parallel_weight: float = param(1.0, low=0.0, high=1.0,
                                    doc="weight of each band's update parallel to the cond band (1 = off)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.levels, int) or isinstance(self.levels, bool):
-            raise ValueError(  # noqa: TRY004 - the project's convention: ValueError naming the parameter
-                f"fdg: parameter 'levels' must be an integer in [2, 8], got {self.levels!r}")
-
     def scales_at(self, step: StepInfo) -> tuple[float, float]:
         """(w_high, w_low) at this step, both shaped by the schedule and interval."""
         high = self.scale_at(step)

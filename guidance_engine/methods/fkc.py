@@ -187,11 +187,7 @@ class FKC(Guidance):
     seed: int = param(0, low=0, high=2**63 - 1, doc="seed of the resampling generator")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("particles", "every", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{self.name}: parameter '{name}' must be an integer, got {value!r}")
+        super().__post_init__()  # ranges, integers (particles, every, seed) included
         if self.resample_sigma_min > self.resample_sigma_max:
             raise ValueError(f"{self.name}: resample_sigma_min ({self.resample_sigma_min}) must not exceed "
                              f"resample_sigma_max ({self.resample_sigma_max})")

@@ -19,6 +19,7 @@ back to Adaptive Guidance (:meth:`with_negative_prompt`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -132,6 +133,11 @@ class LinearAG(Guidance):
             raise ValueError("linear_ag: parameter 'calibration' must name a calibration directory, got "
                              f"{self.calibration!r}")
         load_calibration(self.calibration)  # fail at construction, before any model call
+        interval = {"sigma_min": 0.0, "sigma_max": math.inf, "start": 0.0, "stop": 1.0}
+        changed = sorted(name for name, default in interval.items() if getattr(self, name) != default)
+        if changed:  # the calibration fixes the predicted steps and AG's window: an interval would be ignored
+            raise ValueError(f"linear_ag: parameter(s) {', '.join(changed)} do not apply (the calibration fixes the "
+                             "predicted steps, Adaptive Guidance the rest); leave them at their defaults")
 
     def with_negative_prompt(self) -> Guidance:
         return AdaptiveGuidance(inner=CFG(scale=self.scale), threshold=self.threshold)

@@ -96,6 +96,8 @@ class PerturbedGuidance(Guidance):
     branch_name: ClassVar[str] = ""
     #: the field holding the perturbation scale w
     perturb_field: ClassVar[str] = ""
+    #: the interval bounds the perturbation term; CFG runs at every step (as diffusers' PAG)
+    off_outside_interval: ClassVar[Mapping[str, Any]] = {"scale": 1.0}
 
     scale: float = param(1.0, low=0.0, high=100.0, doc="CFG scale s (1 = no unconditional branch)")
     layers: Any = layers_param("where to perturb; None = the family default (UNet 'mid', SD3 7,8,9)")

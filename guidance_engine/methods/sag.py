@@ -83,6 +83,7 @@ class SAG(PerturbedGuidance):
                             "(arXiv 2210.00939)")
     branch_name: ClassVar[str] = "sag"
     perturb_field: ClassVar[str] = "sag_scale"
+    runs_on_row_subsets: ClassVar[bool] = False  # the degraded forward reads the source rows' whole-batch map
 
     scale: float = param(7.5, low=0.0, high=100.0, doc="CFG scale s (1 = SAG alone)")
     sag_scale: float = param(0.75, low=0.0, high=100.0, doc="SAG scale w (0 = CFG exactly)")

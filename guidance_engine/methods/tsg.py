@@ -53,6 +53,13 @@ class TSG(Guidance):
     def required_branches(self) -> set[str]:
         return {"cond"}
 
+    def altered_branches(self) -> tuple[Branch, ...]:
+        """The perturbed branch at its strongest (t = 1000), so that a pipeline checks before the
+        first model call that it can perturb this network's time embedding."""
+        if self.noise_scale == 0:
+            return ()
+        return (Branch("tsg", base="cond", time_noise=self.noise_scale),)
+
     def init_state(self, batch_size: int, device: torch.device) -> TSGState:
         return TSGState(generator=torch.Generator().manual_seed(int(self.seed)))
 
