@@ -132,9 +132,9 @@ class UNetBranches:
                 self.layers(self.network(branch.network), Perturbation("identity", branch.probe.layers),
                             owner=guide.name)
             if branch.time_noise > 0 or branch.perturb is not None or branch.probe is not None:
-                self.check_alterations(branch)
+                self.check_alterations(branch, guide.name)
 
-    def check_alterations(self, branch) -> None:
+    def check_alterations(self, branch, owner: str = "guidance") -> None:
         """Refuse alterations this network cannot make (subclasses)."""
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor,

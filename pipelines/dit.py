@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, Transfo
 from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
+from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
 
 
@@ -52,12 +53,12 @@ class DiTBranches(UNetBranches):
         super().__init__(transformer, conditions, providers=providers, networks=networks)
         self.latent_channels = latent_channels
 
-    def check_alterations(self, branch) -> None:
+    def check_alterations(self, branch, owner: str = "guidance") -> None:
         """Altered layers (PAG, SEG, SLG) and SAG's attention probe act on the DiT blocks'
         self-attention, TSG's noise on the blocks' time-step embeddings."""
         if branch.time_noise > 0 and not self.time_embeddings(self.unet):
-            raise ValueError("guidance: tsg needs the DiT blocks' time-step embeddings (norm1.emb.timestep_embedder); "
-                             f"{type(self.unet).__name__} has none")
+            raise ValueError(f"guidance: method {owner!r} perturbs the DiT blocks' time-step embeddings "
+                             f"(norm1.emb.timestep_embedder); {type(self.unet).__name__} has none")
 
     def time_embeddings(self, model) -> list:
         """Every block's time-step MLP (``norm1.emb.timestep_embedder``; the final layer reuses block
@@ -171,8 +172,6 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
         Returns:
             :class:`GuidedPipelineOutput` (images, ``nfe`` per image, guidance config and state).
         """
-        from .guide_classifier import attach_dit_gfcg
-
         ids = self.class_ids(class_labels)
         particle_output = self.check_particle_output(particle_output)
         guide = self.resolve_guidance(guidance, guidance_scale)
@@ -182,16 +181,17 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
         device = self._execution_device
         labels = torch.tensor(ids, device=device).reshape(-1)
         null = self.null_class
-        conditions = {"cond": {"class_labels": labels}}
+        labelled = {"cond": {"class_labels": labels}}
         if null is not None:
-            conditions["uncond"] = {"class_labels": torch.full_like(labels, null)}
-        branches = DiTBranches(self.transformer, conditions, self.transformer.config.in_channels,
-                               providers=self.random_classes(len(ids), generator, device),
+            labelled["uncond"] = {"class_labels": torch.full_like(labels, null)}
+        branches = DiTBranches(self.transformer, labelled, self.transformer.config.in_channels,
+                               providers=conditions.independent_class_conditions(self.num_classes, len(ids),
+                                                                                 generator, device),
                                networks={"reference": self.reference_network(guide, reference_unet)})
         if null is None and "uncond" in guide.required_branches():
             raise ValueError(f"guidance: method {guide.name!r} needs the null class, which this transformer lacks "
                              "(its label embedding has no class-dropout row)")
-        guide = attach_dit_gfcg(self, guide, branches, labels, gfcg_classifier)
+        guide = conditions.attach_dit_gfcg(self, guide, branches, labels, gfcg_classifier)
 
         latents, nfe_per_image, state = self.denoise(
             branches, guide, (len(ids), channels, size, size), dtype=self.transformer.dtype, device=device,
@@ -218,18 +218,6 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
             return samples
         samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
         return self.numpy_to_pil(samples) if output_type == "pil" else samples
-
-    def random_classes(self, rows: int, generator, device) -> dict[str, Callable[[], dict[str, torch.Tensor]]]:
-        """ICG's independent condition for class models: a uniformly random class per row,
-        redrawn at every step (SPEC 7), from a private stream seeded by the call's generator."""
-        first = generator[0] if isinstance(generator, list) else generator
-        stream = torch.Generator().manual_seed(first.initial_seed() + 7919 if first is not None else
-                                               int(torch.randint(0, 2**31 - 1, ()).item()))
-
-        def draw() -> dict[str, torch.Tensor]:
-            return {"class_labels": torch.randint(0, self.num_classes, (rows,), generator=stream).to(device)}
-
-        return {"icg_random_tokens": draw}
 
 
 def tiny_dit_components(num_classes: int = 1000, learned_sigma: bool = True, seed: int = 0, scheduler=None

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from diffusers import StableDiffusionPipeline
 
+from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
-from .guide_classifier import attach_text_gfcg
-
 from .inversion import InversionMixin
 
 if TYPE_CHECKING:
@@ -128,10 +127,9 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
                         eta=eta, generator=generator, latents=latents, output_type=output_type, start=start)
         cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
-        negative_branch = None
-        if "negative" in guide.required_branches():  # Perp-Neg: the negative prompt gets a branch of its own
-            negative_branch = negative_branch_prompt(negative_prompt, negative_prompt_embeds, batch_size)
-            negative_prompt = negative_prompt_embeds = None  # and "uncond" stays the empty prompt
+        negative_branch = conditions.negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size)
+        if negative_branch is not None:  # the negative prompt gets a branch of its own; "uncond" stays empty
+            negative_prompt = negative_prompt_embeds = None
 
         lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -140,20 +138,16 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         branches = UNetBranches(self.unet, {
             "cond": {"encoder_hidden_states": prompt_embeds},
             "uncond": {"encoder_hidden_states": negative_prompt_embeds},
-        }, cross_attention_kwargs, providers=self.independent_conditions(prompt_embeds, generator),
+        }, cross_attention_kwargs, providers=conditions.independent_text_conditions(self, prompt_embeds, generator),
             networks={"reference": self.reference_network(guide, reference_unet)})
-        if product_prompt is not None:
-            second = self.encode_prompt(product_prompt, device, num_images_per_prompt, False, lora_scale=lora_scale,
-                                        clip_skip=clip_skip)[0]
-            if second.shape[0] != prompt_embeds.shape[0]:
-                raise ValueError(f"product_prompt: needs one prompt per prompt ({batch_size}), got "
-                                 f"{second.shape[0] // num_images_per_prompt}")
-            branches.conditions["cond2"] = {"encoder_hidden_states": second}
+        conditions.add_product_branch(branches, product_prompt, lambda texts: self.encode_prompt(
+            texts, device, num_images_per_prompt, False, lora_scale=lora_scale, clip_skip=clip_skip)[0],
+            batch_size, num_images_per_prompt)
         if negative_branch is not None:
-            branches.conditions["negative"] = {"encoder_hidden_states": self.encode_prompt(
+            conditions.add_negative_branch(branches, {"encoder_hidden_states": self.encode_prompt(
                 negative_branch[0], device, num_images_per_prompt, False, prompt_embeds=negative_branch[1],
-                lora_scale=lora_scale, clip_skip=clip_skip)[0]}
-        guide = attach_text_gfcg(self, guide, branches, prompt, num_images_per_prompt, lambda texts: self.encode_prompt(
+                lora_scale=lora_scale, clip_skip=clip_skip)[0]})
+        guide = conditions.attach_text_gfcg(self, guide, branches, prompt, num_images_per_prompt, lambda texts: self.encode_prompt(
             texts, device, num_images_per_prompt, False, lora_scale=lora_scale, clip_skip=clip_skip)[0])
 
         latents, nfe_per_image, state = self.denoise(
@@ -176,42 +170,3 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
             return image, has_nsfw
         return self.guided_output(image, nfe_per_image, state, guide, sampler, nsfw_content_detected=has_nsfw,
                                   warnings=cut)
-
-    def independent_conditions(self, prompt_embeds: torch.Tensor, generator) -> dict:
-        """ICG's y_hat, drawn afresh at every call: the text encoding of uniformly random token ids
-        over the full maximum length (no attention mask), or Gaussian noise scaled by the global
-        std of the real embeddings. Seeded from the call's generator (a private stream per run)."""
-        first = generator[0] if isinstance(generator, list) else generator
-        stream = torch.Generator().manual_seed(first.initial_seed() + 7919 if first is not None else
-                                               int(torch.randint(0, 2**31 - 1, ()).item()))
-        rows, length = prompt_embeds.shape[0], self.tokenizer.model_max_length
-        std = float(prompt_embeds.float().std())
-
-        def random_tokens() -> dict[str, torch.Tensor]:
-            ids = torch.randint(0, self.text_encoder.config.vocab_size, (rows, length), generator=stream)
-            hidden = self.text_encoder(ids.to(self.text_encoder.device), attention_mask=None)[0]
-            return {"encoder_hidden_states": hidden.to(prompt_embeds.dtype)}
-
-        def noise() -> dict[str, torch.Tensor]:
-            draw = torch.randn(prompt_embeds.shape, generator=stream, dtype=torch.float32) * std
-            return {"encoder_hidden_states": draw.to(prompt_embeds.device, prompt_embeds.dtype)}
-
-        return {"icg_random_tokens": random_tokens, "icg_noise": noise}
-
-
-def negative_branch_prompt(negative_prompt, negative_prompt_embeds, batch_size: int) -> tuple:
-    """(negative prompts, negative embeddings) for a method with a "negative" branch (Perp-Neg),
-    checked before any model call: one negative prompt per prompt (a string is repeated)."""
-    if negative_prompt is None and negative_prompt_embeds is None:
-        raise ValueError("negative_prompt: this guidance method (Perp-Neg) needs a negative prompt for its "
-                         "'negative' branch; pass negative_prompt= (or negative_prompt_embeds=)")
-    if negative_prompt is not None:
-        texts = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-        if not isinstance(texts, list) or len(texts) != batch_size or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"negative_prompt: expected a string or a list of {batch_size} strings (one per "
-                             f"prompt), got {negative_prompt!r}")
-        return texts, None
-    if negative_prompt_embeds.shape[0] != batch_size:
-        raise ValueError(f"negative_prompt_embeds: expected {batch_size} rows (one per prompt), "
-                         f"got {negative_prompt_embeds.shape[0]}")
-    return None, negative_prompt_embeds

@@ -10,9 +10,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-from guidance_engine.methods.perturbed import sd3_pipeline_window
-from guidance_engine.methods.slg import SLG
-
+from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
 
 
@@ -22,12 +20,13 @@ class TransformerBranches(UNetBranches):
     blocks (SLG) act on their branch's rows inside that forward; the stock pipeline instead runs
     its skip-layer branch as a separate forward."""
 
-    def check_alterations(self, branch) -> None:
+    def check_alterations(self, branch, owner: str = "guidance") -> None:
         if branch.time_noise > 0:
-            raise ValueError("guidance: time-embedding perturbation (tsg) is not available for SD3 transformers")
+            raise ValueError(f"guidance: method {owner!r} perturbs the time-step embedding, which is not available "
+                             "for SD3 transformers")
         if branch.probe is not None:
-            raise ValueError("guidance: sag is not available for SD3 transformers (its blur mask reads a plain "
-                             "self-attention map; SD3's joint attention mixes text and image tokens)")
+            raise ValueError(f"guidance: method {owner!r} reads a plain self-attention map, which SD3 transformers "
+                             "do not have (their joint attention mixes text and image tokens)")
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
@@ -102,8 +101,8 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
             raise ValueError(f"GuidedStableDiffusion3Pipeline: unsupported argument(s) {unsupported} "
                              "(IP-Adapter is not supported here)")
         if skip_guidance_layers is not None:
-            guidance = self.stock_skip_layer_guidance(
-                guidance, guidance_scale, skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
+            guidance = conditions.stock_skip_layer_guidance(
+                guidance, guidance_scale, self.default_guidance_scale, skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
                 skip_layer_guidance_stop, len(sigmas) if sigmas is not None else num_inference_steps)
             guidance_scale = None
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -170,17 +169,3 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         if not return_dict:
             return (image,)
         return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
-
-    def stock_skip_layer_guidance(self, guidance: GuidanceSpec, guidance_scale: float | None, layers: list[int],
-                                  scale: float, start: float, stop: float, num_steps: int) -> SLG:
-        """The stock ``skip_guidance_layers`` arguments as the engine's SLG (equal to the stock
-        pipeline: tests/test_perturbation.py)."""
-        if guidance is not None:
-            raise ValueError("skip_guidance_layers: the stock skip-layer arguments go with guidance=None; with a "
-                             f"guidance method use guidance=SLG(layers=...), got guidance={guidance!r}")
-        cfg = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        ours_start, ours_stop = sd3_pipeline_window(start, stop, num_steps)
-        # the stock pipeline guides with skipped layers only together with CFG (scale > 1)
-        return SLG(scale=cfg, slg_scale=scale if cfg > 1 else 0.0, layers=list(layers),
-                   start=min(ours_start, ours_stop), stop=ours_stop)
-

@@ -12,9 +12,9 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
 from .inversion import InversionMixin
-from .stable_diffusion import negative_branch_prompt
 
 if TYPE_CHECKING:
     from .image_input import ImageInput
@@ -107,11 +107,11 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                         eta=eta, generator=generator, latents=latents, output_type=output_type, start=start)
         cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
-        negative_branch = None
-        if "negative" in guide.required_branches():  # Perp-Neg: the negative prompt gets a branch of its own
-            negative_branch = (*negative_branch_prompt(negative_prompt, negative_prompt_embeds, batch_size),
-                               [negative_prompt_2] * batch_size if isinstance(negative_prompt_2, str) else
-                               negative_prompt_2, negative_pooled_prompt_embeds)
+        negative_branch = conditions.negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size)
+        if negative_branch is not None:  # the negative prompt gets a branch of its own; "uncond" stays empty
+            negative_branch = (*negative_branch, [negative_prompt_2] * batch_size
+                               if isinstance(negative_prompt_2, str) else negative_prompt_2,
+                               negative_pooled_prompt_embeds)
             negative_prompt = negative_prompt_2 = negative_prompt_embeds = negative_pooled_prompt_embeds = None
         rows = batch_size * num_images_per_prompt
         branches = self._prompt_branches(
@@ -153,7 +153,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                          device, rows, num_images_per_prompt, cross_attention_kwargs, clip_skip, original_size,
                          crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
                          negative_target_size) -> UNetBranches:
-        """The conditioned branches (``cond``, ``uncond``, Perp-Neg's ``negative``): both text
+        """The conditioned branches (``cond``, ``uncond``, the negative prompt's own): both text
         encoders' embeddings, pooled embeddings and micro-conditioning time ids, as the stock
         pipeline encodes them."""
         lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
@@ -187,9 +187,9 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                 prompt=texts, prompt_2=texts_2, device=device, num_images_per_prompt=num_images_per_prompt,
                 do_classifier_free_guidance=False, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
                 lora_scale=lora_scale, clip_skip=clip_skip)
-            branches.conditions["negative"] = {"encoder_hidden_states": negative.to(device),
-                                               "text_embeds": negative_pooled.to(device),
-                                               "time_ids": negative_time_ids.to(device).repeat(rows, 1)}
+            conditions.add_negative_branch(branches, {"encoder_hidden_states": negative.to(device),
+                                                      "text_embeds": negative_pooled.to(device),
+                                                      "time_ids": negative_time_ids.to(device).repeat(rows, 1)})
         return branches
 
     # -- inversion hooks (InversionMixin) -----------------------------------------------------------

@@ -307,7 +307,7 @@ def test_sd3_refuses_sag_and_bad_layers_before_any_model_call(sd3_pair) -> None:
     calls = []
     handle = guided.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ValueError, match=r"sag is not available for SD3 transformers"):
+        with pytest.raises(ValueError, match=r"method .sag. reads a plain self-attention map, which SD3 transformers"):
             _latents(guided, SAG(layers=[1]))
         with pytest.raises(ValueError, match=r"slg: parameter 'layers' must be transformer block indices 0..3; 7"):
             _latents(guided, SLG(start=0.0))  # the default 7, 8, 9 on a 4-block model

@@ -42,7 +42,7 @@ def test_unsupported_arguments_are_refused(sd3_pair) -> None:
     _, guided = sd3_pair
     calls = []
     guided.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
-    with pytest.raises(ValueError, match=r"time-embedding perturbation \(tsg\) is not available"):
+    with pytest.raises(ValueError, match=r"method .tsg. perturbs the time-step embedding, which is not available"):
         guided(PROMPT, num_inference_steps=2, guidance={"name": "tsg", "t_min": 0.0})
     assert calls == []
     with pytest.raises(ValueError, match=r"unsupported argument\(s\) \['ip_adapter_image'\]"):

@@ -1,0 +1,140 @@
+"""The provider table: how a pipeline fills every kind of branch a method may declare.
+
+A method names the branches it needs (``required_branches()``, ``altered_branches()``); a model
+family's pipeline knows how to encode a prompt or a class. Between the two sits this table, the
+one place (with :mod:`.guide_classifier`, GFCG's provider) where a branch kind is tied to a call
+input. Nothing else in ``pipelines/`` or ``samplers/`` names a method or a method's branch
+(tests/test_architecture.py checks it).
+
+==========================  =====================================  ===========================
+branch                      filled from                            declared by
+==========================  =====================================  ===========================
+``cond``                    the prompt (or class label)            every method
+``uncond``                  the negative prompt, else the empty    CFG and kin
+                            prompt / the null class
+``negative``                the negative prompt; ``uncond`` then   Perp-Neg
+                            stays the empty prompt
+``cond2``                   ``product_prompt``                     FKC ``target="product"``
+``icg_random_tokens``       random token ids through the text      ICG
+                            encoder, or a random class, per step
+``icg_noise``               Gaussian noise at the embeddings' std  ICG ``condition="noise"``
+``gfcg_class_<k>``          the prompt naming class k / label k    GFCG (:mod:`.guide_classifier`)
+==========================  =====================================  ===========================
+
+Branch *alterations* (perturbed attention, skipped blocks, time noise, probes, another network)
+need no provider: the :class:`~guidance_engine.guidance.Branch` says what to do to its rows and
+the family's branch model does it (:mod:`.row_plan`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .guide_classifier import attach_dit_gfcg, attach_text_gfcg
+
+__all__ = ["INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "attach_dit_gfcg", "attach_text_gfcg",
+           "independent_class_conditions", "independent_text_conditions", "negative_branch_inputs",
+           "stock_skip_layer_guidance"]
+
+#: A branch of its own for the negative prompt (Perp-Neg).
+NEGATIVE = "negative"
+#: The second prompt of a product-of-experts target.
+SECOND_PROMPT = "cond2"
+#: Independent conditions, redrawn at every step (ICG): random tokens (or classes), or noise.
+INDEPENDENT = ("icg_random_tokens", "icg_noise")
+
+
+def _stream(generator) -> torch.Generator:
+    """A private stream seeded from the call's generator (or at random without one)."""
+    first = generator[0] if isinstance(generator, list) else generator
+    return torch.Generator().manual_seed(first.initial_seed() + 7919 if first is not None else
+                                         int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+def negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size: int) -> tuple | None:
+    """(negative prompts, negative embeddings) when the method gives the negative prompt a branch
+    of its own (then "uncond" stays the empty prompt), checked before any model call: one negative
+    prompt per prompt (a string is repeated). None when the method has no such branch."""
+    if NEGATIVE not in guide.required_branches():
+        return None
+    if negative_prompt is None and negative_prompt_embeds is None:
+        raise ValueError("negative_prompt: this guidance method (Perp-Neg) needs a negative prompt for its "
+                         "'negative' branch; pass negative_prompt= (or negative_prompt_embeds=)")
+    if negative_prompt is not None:
+        texts = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(texts, list) or len(texts) != batch_size or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"negative_prompt: expected a string or a list of {batch_size} strings (one per "
+                             f"prompt), got {negative_prompt!r}")
+        return texts, None
+    if negative_prompt_embeds.shape[0] != batch_size:
+        raise ValueError(f"negative_prompt_embeds: expected {batch_size} rows (one per prompt), "
+                         f"got {negative_prompt_embeds.shape[0]}")
+    return None, negative_prompt_embeds
+
+
+def add_negative_branch(branches, condition: dict[str, torch.Tensor]) -> None:
+    """The negative prompt's own branch (Perp-Neg), encoded by the family."""
+    branches.conditions[NEGATIVE] = condition
+
+
+def add_product_branch(branches, product_prompt, encode: Callable[[Any], torch.Tensor], batch_size: int,
+                       num_images_per_prompt: int, key: str = "encoder_hidden_states") -> None:
+    """The second prompt of a product target, encoded like the prompt (one per prompt)."""
+    if product_prompt is None:
+        return
+    second = encode(product_prompt)
+    rows = branches.conditions["cond"][key].shape[0]
+    if second.shape[0] != rows:
+        raise ValueError(f"product_prompt: needs one prompt per prompt ({batch_size}), got "
+                         f"{second.shape[0] // num_images_per_prompt}")
+    branches.conditions[SECOND_PROMPT] = {key: second}
+
+
+def independent_text_conditions(pipe, prompt_embeds: torch.Tensor, generator) -> dict[str, Callable[[], dict]]:
+    """ICG's y_hat for text models, drawn afresh at every step: the text encoding of uniformly
+    random token ids over the full maximum length (no attention mask), or Gaussian noise scaled by
+    the global std of the real embeddings. Seeded from the call's generator (a private stream)."""
+    stream = _stream(generator)
+    rows, length = prompt_embeds.shape[0], pipe.tokenizer.model_max_length
+    std = float(prompt_embeds.float().std())
+
+    def random_tokens() -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, pipe.text_encoder.config.vocab_size, (rows, length), generator=stream)
+        hidden = pipe.text_encoder(ids.to(pipe.text_encoder.device), attention_mask=None)[0]
+        return {"encoder_hidden_states": hidden.to(prompt_embeds.dtype)}
+
+    def noise() -> dict[str, torch.Tensor]:
+        draw = torch.randn(prompt_embeds.shape, generator=stream, dtype=torch.float32) * std
+        return {"encoder_hidden_states": draw.to(prompt_embeds.device, prompt_embeds.dtype)}
+
+    return dict(zip(INDEPENDENT, (random_tokens, noise)))
+
+
+def independent_class_conditions(num_classes: int, rows: int, generator, device) -> dict[str, Callable[[], dict]]:
+    """ICG's independent condition for class models: a uniformly random class per row, redrawn
+    at every step (SPEC 7), from a private stream seeded by the call's generator."""
+    stream = _stream(generator)
+
+    def draw() -> dict[str, torch.Tensor]:
+        return {"class_labels": torch.randint(0, num_classes, (rows,), generator=stream).to(device)}
+
+    return {INDEPENDENT[0]: draw}
+
+
+def stock_skip_layer_guidance(guidance, guidance_scale: float | None, default_scale: float, layers: list[int],
+                              scale: float, start: float, stop: float, num_steps: int):
+    """SD3's stock ``skip_guidance_layers`` arguments as the engine's SLG (equal to the stock
+    pipeline: tests/test_perturbation.py): the stock rule ``n start < i < n stop`` as SLG's window,
+    skipped layers only together with CFG (scale > 1), as the stock pipeline."""
+    from guidance_engine.methods.perturbed import sd3_pipeline_window
+    from guidance_engine.methods.slg import SLG
+
+    if guidance is not None:
+        raise ValueError("skip_guidance_layers: the stock skip-layer arguments go with guidance=None; with a "
+                         f"guidance method use guidance=SLG(layers=...), got guidance={guidance!r}")
+    cfg = default_scale if guidance_scale is None else guidance_scale
+    ours_start, ours_stop = sd3_pipeline_window(start, stop, num_steps)
+    return SLG(scale=cfg, slg_scale=scale if cfg > 1 else 0.0, layers=list(layers),
+               start=min(ours_start, ours_stop), stop=ours_stop)
