@@ -29,6 +29,7 @@ from guidance_engine import strict_json
 from guidance_engine.registry import method_names, resolve_guidance
 from guidance_engine.samplers import SAMPLER_NAMES
 
+from . import cli_common
 from .cli_checks import (SEED_MAX, check_device, check_eta, check_int, check_model_directory, check_run_settings,
                          check_size, check_steps, check_writable_directory)
 from .messages import PromptTruncatedWarning
@@ -410,7 +411,6 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
-    from .cli import atomic_save_png
     from .models import generate_from_prompts, load_pipeline
 
     diffusers_logging.disable_progress_bar()
@@ -464,7 +464,7 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
                     if unit.coupled:  # rebuilding needs the whole group
                         entry["group_images"] = unit.images
                         entry["group_seeds"] = unit.seeds
-                    atomic_save_png(image, out / name, entry)  # the image, then its line
+                    cli_common.atomic_save_png(image, out / name, entry)  # the image, then its line
                     shard.write(entry)
                     unit.done[j] = True
                     written += 1
@@ -511,9 +511,7 @@ def rebuild_from_manifest(line: str | dict[str, Any], model=None, device: str = 
 # -- the command ------------------------------------------------------------------------------
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .cli import _parse_params
-
-    summary = run_batch(args.prompts, args.out, method=args.method, scale=args.scale, params=_parse_params(args.param),
+    summary = run_batch(args.prompts, args.out, method=args.method, scale=args.scale, params=cli_common.parse_params(args.param),
                         negative_prompt=args.negative_prompt, per_prompt=args.per_prompt, steps=args.steps,
                         seed=args.seed, batch_size=args.batch_size, model=args.model, sampler=args.sampler,
                         height=args.height, width=args.width, eta=args.eta, device=args.device, dtype=args.dtype,

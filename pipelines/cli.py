@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 
 # transformers warns at import that torchvision is missing (it falls back to PIL, which is all a
@@ -20,19 +19,17 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import math
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.guidance import describe_range  # noqa: E402
 from guidance_engine.registry import method_class, method_names, resolve_guidance  # noqa: E402
 from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
 
+from . import cli_common  # noqa: E402
 from .batch import add_batch_parser  # noqa: E402
 from .cli_checks import (check_device, check_eta, check_int, check_model_directory, check_outputs,  # noqa: E402
                          check_run_settings, check_seeds, check_size, check_steps)
@@ -42,76 +39,10 @@ from .messages import PromptTruncatedWarning  # noqa: E402
 from .models import DIT_SHORTHAND, generate_from_prompts, is_class_conditional, refuse_text_options  # noqa: E402
 
 
-def _number_or_text(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"inf": math.inf, "true": True, "false": False}.get(text.lower(), text)
-
-
-def _parse_params(items: Sequence[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param: expected NAME=VALUE, got {item!r}")
-        params[key.strip()] = _number_or_text(value.strip())
-    return params
-
-
-def atomic_save_png(image, path: Path, metadata: dict[str, Any]) -> None:
-    """Write a PNG with its settings in a text chunk; a temporary name is renamed when complete."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("guidance-engine", strict_json.dumps(metadata))  # strict: inf as "inf"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an image is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def output_paths(output: Path, count: int) -> list[Path]:
-    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for several."""
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
-
-
-def warn_truncated(pipe, **texts: str | list[str] | None) -> list[str]:
-    """Say on stderr, before sampling, which prompts the text encoder will cut (the pipeline's own
-    warning is silenced in the CLI, which prints this one line per prompt instead)."""
-    check = getattr(pipe, "truncated_prompts", None)
-    messages = check(**texts) if check is not None and getattr(pipe, "tokenizer", None) is not None else []
-    for message in messages:
-        print(f"guidance-engine: warning: {message}", file=sys.stderr)
-    return messages
-
-
-def _load(model: str | None, device: str, dtype: str = "float32"):
-    """The pipeline, without diffusers' loading bars (the sampling bar stays)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from .models import load_pipeline
-
-    diffusers_logging.disable_progress_bar()
-    return load_pipeline(model, device=device, dtype=dtype)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    params = _parse_params(args.param)
+    params = cli_common.parse_params(args.param)
     if args.scale is not None:
         params["scale"] = args.scale
     guidance = resolve_guidance(args.method, **params)  # validates before the model loads
@@ -124,17 +55,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_model_directory(args.model)
     check_steps(args.steps, args.model)
     check_run_settings(guidance, args.model, steps=args.steps, sampler=args.sampler, eta=args.eta)
-    paths = output_paths(Path(args.output), args.num_images)
+    paths = cli_common.output_paths(Path(args.output), args.num_images)
     check_outputs("-o/--output", paths, args.overwrite)
     if is_class_conditional(args.model):  # the prompt is a class: refuse text-only options before loading
         refuse_text_options(**{"--negative-prompt": args.negative_prompt, "--height": args.height,
                                 "--width": args.width})
-    pipe = _load(args.model, args.device, args.dtype)
+    pipe = cli_common.load_quietly(args.model, args.device, args.dtype)
     if args.attention != "sdpa":
         in_effect = pipe.set_attention(args.attention)
         if in_effect != args.attention:
             print(f"attention: {args.attention} is not available here, using {in_effect}", file=sys.stderr)
-    cut = warn_truncated(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt) \
+    cut = cli_common.warn_truncated(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt) \
         if not is_class_conditional(args.model) else []
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     start = time.perf_counter()
@@ -146,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance": guidance.to_dict(),
                 "sampler": args.sampler or "auto", "steps": args.steps, "seed": args.seed + i,
                 "model": str(args.model or "default"), "nfe": out.nfe, "warnings": cut}
-        atomic_save_png(image, path, meta)
+        cli_common.atomic_save_png(image, path, meta)
         print(f"wrote {path}")
     print(f"method {guidance.name}, {out.nfe:g} network evaluations per image, {seconds:.2f} s")
     return 0
@@ -157,7 +88,7 @@ def parse_methods(text: str) -> list[dict[str, Any]]:
     methods = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, rest = item.partition(":")
-        params = _parse_params([kv for kv in rest.split(";") if kv]) if rest else {}
+        params = cli_common.parse_params([kv for kv in rest.split(";") if kv]) if rest else {}
         resolve_guidance(name, **params)  # validate before any model loads
         methods.append({"name": name, **params})
     if not methods:
@@ -179,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--model: eval scores text-to-image models on the evaluation prompts, {args.model!r} is "
                          "class-conditional; measure it with benchmarks/gfcg.py (per-class accuracy, FD, paired "
                          "comparisons at equal NFEs)")
-    pipe = _load(args.model, args.device)
+    pipe = cli_common.load_quietly(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
     rows = evaluate(pipe, methods, prompts=DEFAULT_PROMPTS, seeds=range(args.seeds), steps=args.steps,
                     sampler=args.sampler)
@@ -199,10 +130,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_model_directory(args.model)
     check_steps(args.steps, args.model)
     check_outputs("-o/--output", [Path(args.output)], args.overwrite)
-    pipe = _load(args.model, args.device)
+    pipe = cli_common.load_quietly(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
     if not is_class_conditional(args.model):
-        warn_truncated(pipe, prompt=args.prompt)
+        cli_common.warn_truncated(pipe, prompt=args.prompt)
     path = compare_grid(pipe, args.prompt, methods, range(args.seed, args.seed + args.seeds), args.output,
                         steps=args.steps, progress=True)
     print(f"wrote {path}")

@@ -20,11 +20,11 @@ from typing import Any
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SAMPLER_NAMES
 
+from . import cli_common
+
 
 def _guidance(args: argparse.Namespace):
-    from .cli import _parse_params
-
-    params = _parse_params(args.param)
+    params = cli_common.parse_params(args.param)
     if args.scale is not None:
         params["scale"] = args.scale
     return resolve_guidance(args.method, **params)
@@ -50,8 +50,6 @@ def labelled_grid(images: list, labels: list[str], path: Path, zoom: int = 4) ->
     """Images side by side (nearest-neighbour zoom for small ones) with a caption under each."""
     from PIL import Image, ImageDraw
 
-    from .cli import atomic_save_png
-
     tiles = [image.convert("RGB").resize((image.width * zoom, image.height * zoom), Image.Resampling.NEAREST)
              if image.width < 256 else image.convert("RGB") for image in images]
     w, h = max(t.width for t in tiles), max(t.height for t in tiles)
@@ -60,14 +58,13 @@ def labelled_grid(images: list, labels: list[str], path: Path, zoom: int = 4) ->
     for k, (tile, label) in enumerate(zip(tiles, labels)):
         grid.paste(tile, (8 + k * (w + 8), 8))
         draw.text((8 + k * (w + 8), h + 12), label[: max(8, w // 6)], fill="black")
-    atomic_save_png(grid, path, {"labels": labels})
+    cli_common.atomic_save_png(grid, path, {"labels": labels})
     return path
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import _load, atomic_save_png, output_paths
     from .image_input import load_image
 
     from .cli_checks import check_eta, check_int, check_seeds
@@ -78,7 +75,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     check_int("--num-images", args.num_images, 1, 1024)
     check_seeds("--seed", args.seed, args.num_images)
     check_eta(args.eta)
-    paths = output_paths(Path(args.output), args.num_images)
+    paths = cli_common.output_paths(Path(args.output), args.num_images)
     # inpainting at strength 1 starts from pure noise; everything else from the noised image
     _check_common(args, paths, guidance, None if args.mask and args.strength == 1.0 else args.strength)
     image = load_image(args.image)
@@ -86,7 +83,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     if mask is not None and mask.size != image.size:
         raise ValueError(f"--mask: its size {mask.size[0]} x {mask.size[1]} must match the image's "
                          f"{image.size[0]} x {image.size[1]}")
-    pipe = _load(args.model, args.device, args.dtype)
+    pipe = cli_common.load_quietly(args.model, args.device, args.dtype)
     pipe = _image_pipeline(pipe, inpaint=mask is not None)
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     extra: dict[str, Any] = {"mask_image": mask} if mask is not None else {}
@@ -100,7 +97,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
                 "mask": str(args.mask) if args.mask else None, "prompt": args.prompt, "strength": args.strength,
                 "guidance": guidance.to_dict(), "sampler": args.sampler or "auto", "steps": args.steps,
                 "seed": args.seed + i, "model": str(args.model or "default"), "nfe": out.nfe}
-        atomic_save_png(result, path, meta)
+        cli_common.atomic_save_png(result, path, meta)
         print(f"wrote {path}")
     if args.grid:
         labels = ["input", *(f"{guidance.name} seed {args.seed + i}" for i in range(args.num_images))]
@@ -127,13 +124,12 @@ def _image_pipeline(pipe, inpaint: bool):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from .cli import _load, atomic_save_png
     from .image_input import load_image
 
     guidance = _guidance(args)
     _check_common(args, [Path(args.output)], guidance, inversion=True)
     image = load_image(args.image)
-    pipe = _image_pipeline(_load(args.model, args.device, args.dtype), inpaint=False)
+    pipe = _image_pipeline(cli_common.load_quietly(args.model, args.device, args.dtype), inpaint=False)
     start = time.perf_counter()
     inverted = pipe.invert(image, args.source_prompt, guidance=guidance, num_inference_steps=args.steps)
     outputs = {}
@@ -143,7 +139,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     meta = {"command": "edit", "image": str(args.image), "source_prompt": args.source_prompt,
             "target_prompt": args.target_prompt, "guidance": guidance.to_dict(), "steps": args.steps,
             "model": str(args.model or "default"), "nfe": inverted.nfe + outputs["edit"].nfe}
-    atomic_save_png(outputs["edit"].images[0], Path(args.output), meta)
+    cli_common.atomic_save_png(outputs["edit"].images[0], Path(args.output), meta)
     print(f"wrote {args.output}")
     if args.grid:
         labels = ["input", f"reconstruction ({guidance.name})", args.target_prompt]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 from .messages import PromptTruncatedWarning
 from .perturbation import resolve_layers
-from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook
+from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook, original_processor
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
 #: What a particle method returns: one image per group drawn by the final weights, or every particle.
@@ -112,7 +112,13 @@ class UNetBranches:
         """The modules of ``model`` that ``perturbation`` alters (resolved once per call)."""
         key = (id(model), perturbation)
         if key not in self._layers:
-            self._layers[key] = resolve_layers(model, perturbation, owner)
+            layers = resolve_layers(model, perturbation, owner)
+            for name, module in layers:
+                if perturbation.kind != "skip" and isinstance(original_processor(module), torch.nn.Module):
+                    raise ValueError(f"{owner}: layer {name} has a trainable processor "
+                                     f"({type(original_processor(module)).__name__}, e.g. IP-Adapter); perturbing it "
+                                     "is not supported")
+            self._layers[key] = layers
         return self._layers[key]
 
     def check_supports(self, guide: Guidance) -> None:

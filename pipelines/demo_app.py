@@ -245,9 +245,9 @@ def _named_api(generate: Generator):
 
 def _load_pipe(model: str | None, device: str):
     """The guided pipeline of ``model`` (None: the shipped one) on ``device``, without progress bars."""
-    from .cli import _load
+    from .cli_common import load_quietly
 
-    pipe = _load(model, device)
+    pipe = load_quietly(model, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

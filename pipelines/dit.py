@@ -218,25 +218,3 @@ class GuidedDiTPipeline(GuidedPipelineMixin, DiTPipeline):
             return samples
         samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
         return self.numpy_to_pil(samples) if output_type == "pil" else samples
-
-
-def tiny_dit_components(num_classes: int = 1000, learned_sigma: bool = True, seed: int = 0, scheduler=None
-                        ) -> dict[str, Any]:
-    """Components of a tiny random DiT pipeline built in code (tests): a 2-layer
-    ``Transformer2DModel`` (adaLN-zero, patch 2, 16 x 16 x 4 latents, ``num_classes`` classes,
-    learned sigma by default, as the ImageNet DiT), the tiny VAE and a scheduler (DDIM by
-    default). adaLN-zero starts as the identity; the weights are jittered so that the output
-    depends on the class."""
-    from diffusers import DDIMScheduler
-
-    from .tiny_models import _seeded, _tiny_vae
-
-    with _seeded(seed):
-        transformer = Transformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
-            num_layers=2, sample_size=16, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=num_classes,
-            norm_elementwise_affine=False)
-        for p in transformer.parameters():
-            p.data.add_(0.05 * torch.randn_like(p))
-    return {"transformer": transformer.eval(), "vae": _tiny_vae(seed).eval(),
-            "scheduler": scheduler if scheduler is not None else DDIMScheduler()}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import math
 import os
@@ -40,26 +39,20 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from guidance_engine import strict_json
-from . import shapes
+
+from . import cli_common, shapes
 from .models import default_model_path, load_pipeline
+from .shipped import (ARCHITECTURES, ATTRIBUTE_HEADS, AttributeClassifier, classifier_path, forget_classifier,
+                      load_classifier)
 
 __all__ = [
     "AttributeClassifier", "DEFAULT_PROMPTS", "classifier_path", "compare_grid", "default_model_path",
     "evaluate", "format_table", "frechet_distance", "image_stats", "load_classifier", "method_label",
     "plot_metrics", "real_images_for_prompt", "train_classifier",
 ]
-
-_HEADS = {name: len(values) for name, values in shapes.ATTRIBUTES.items()}
-
-#: Classifier architectures: ``eval`` (VGG-like, max-pooling, ReLU) and ``guide`` (strided, SiLU).
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "eval": {"style": "vgg", "channels": [32, 64, 96], "feature_dim": 128, "seed": 101, "data_seed": 1001},
-    "guide": {"style": "strided", "channels": [24, 48, 96], "feature_dim": 96, "seed": 202, "data_seed": 2002},
-}
 
 #: A fixed prompt set covering every shape, colour and several backgrounds / positions / counts.
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -76,90 +69,6 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a green circle on a yellow background",
     "two red triangles on a black background",
 )
-
-
-def classifier_path(kind: str = "eval") -> Path:
-    """Path of a shipped classifier's safetensors file."""
-    return default_model_path() / "classifiers" / f"{kind}.safetensors"
-
-
-class AttributeClassifier(nn.Module):
-    """Small CNN: 32 x 32 RGB -> ``feature_dim`` features -> one linear head per attribute."""
-
-    def __init__(self, style: str = "vgg", channels: Sequence[int] = (32, 64, 96), feature_dim: int = 128,
-                 **_: Any) -> None:
-        super().__init__()
-        self.config = {"style": style, "channels": list(channels), "feature_dim": feature_dim}
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in channels:
-            if style == "vgg":
-                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-                           nn.MaxPool2d(2)]
-            elif style == "strided":
-                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(4, c), nn.SiLU(),
-                           nn.Conv2d(c, c, 4, stride=2, padding=1), nn.SiLU()]
-            else:
-                raise ValueError(f"unknown classifier style {style!r}")
-            c_in = c
-        self.body = nn.Sequential(*layers)
-        side = shapes.IMAGE_SIZE // 2 ** len(channels)
-        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, feature_dim), nn.ReLU())
-        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, n) for name, n in _HEADS.items()})
-
-    @staticmethod
-    def prepare(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC (array or tensor) -> float NCHW in [-1, 1]; float tensors pass through."""
-        if isinstance(images, np.ndarray):
-            images = np.ascontiguousarray(images)
-            if not images.flags.writeable:  # e.g. np.asarray(a PIL image): torch warns on read-only memory
-                images = images.copy()
-            images = torch.from_numpy(images)
-        if images.dtype == torch.uint8:
-            images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return images
-
-    def features(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Penultimate features (used for the Frechet distance and diversity)."""
-        return self.neck(self.body(self.prepare(images)))
-
-    def forward(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per attribute."""
-        f = self.features(images)
-        return {name: head(f) for name, head in self.heads.items()}
-
-    @torch.no_grad()
-    def predict(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """Predicted class index per attribute (``int64 [n]``)."""
-        outs: dict[str, list[np.ndarray]] = {name: [] for name in _HEADS}
-        for i in range(0, len(images), batch_size):
-            for name, logits in self(images[i:i + batch_size]).items():
-                outs[name].append(logits.argmax(-1).cpu().numpy())
-        return {name: np.concatenate(v) for name, v in outs.items()}
-
-    @torch.no_grad()
-    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        return np.concatenate([self.features(images[i:i + batch_size]).cpu().numpy()
-                               for i in range(0, len(images), batch_size)]).astype(np.float64)
-
-
-_CLASSIFIER_CACHE: dict[tuple[str, str], AttributeClassifier] = {}
-
-
-def load_classifier(kind: str = "eval", path: str | os.PathLike[str] | None = None) -> AttributeClassifier:
-    """Load a shipped classifier (``"eval"`` or ``"guide"``) or one from ``path``; in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path) if path is not None else classifier_path(kind)
-    key = (kind, str(path))
-    if key not in _CLASSIFIER_CACHE:
-        with safe_open(str(path), "pt") as f:
-            config = json.loads(f.metadata()["config"])
-        model = AttributeClassifier(**config)
-        model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-        _CLASSIFIER_CACHE[key] = model.eval().requires_grad_(False)
-    return _CLASSIFIER_CACHE[key]
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -197,21 +106,21 @@ def train_classifier(kind: str = "eval", steps: int = 1500, n_train: int = 20000
             g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(0, len(x_all), (batch,), generator=gen)
         logits = model(_augment(x_all[idx], gen))
-        loss = sum(F.cross_entropy(logits[k], y_all[k][idx]) for k in _HEADS)
+        loss = sum(F.cross_entropy(logits[k], y_all[k][idx]) for k in ATTRIBUTE_HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.eval()
     test_images, _, test_labels = shapes.make_dataset(2000, 424242)
     pred = model.predict(test_images)
-    acc = {k: float((pred[k] == test_labels[k]).mean()) for k in _HEADS}
+    acc = {k: float((pred[k] == test_labels[k]).mean()) for k in ATTRIBUTE_HEADS}
     path = Path(out) if out is not None else classifier_path(kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {**model.config}
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(path),
               metadata={"config": strict_json.dumps(config), "kind": kind,
                         "held_out_accuracy": strict_json.dumps(acc), "data_seed": str(arch["data_seed"]), "steps": str(steps)})
-    _CLASSIFIER_CACHE.pop((kind, str(path)), None)
+    forget_classifier(kind, path)
     return acc
 
 
@@ -296,7 +205,7 @@ def generate(pipe, prompt: str, method: dict[str, Any], seeds: Sequence[int], st
 
 def _row_metrics(classifier: AttributeClassifier, per_prompt: dict[str, np.ndarray],
                  reference: dict[str, np.ndarray]) -> dict[str, float]:
-    correct = {name: [] for name in _HEADS}
+    correct = {name: [] for name in ATTRIBUTE_HEADS}
     feats, ref_feats, div = [], [], []
     for prompt, images in per_prompt.items():
         want = shapes.parse_prompt(prompt)
@@ -422,10 +331,8 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
             for j, chunk in enumerate([label[m:m + 7] for m in range(0, len(label), 7)][:6]):
                 d.text((bx + 2, ph - bottom + 3 + 12 * j), chunk, fill="black", font=font)
         d.line((x0 + pw - 1, 0, x0 + pw - 1, ph), fill=(200, 200, 200))
-    from .cli import atomic_save_png
-
     path = Path(path)
-    atomic_save_png(img, path, {"metrics": list(metrics), "rows": [str(r["method"]) for r in rows]})
+    cli_common.atomic_save_png(img, path, {"metrics": list(metrics), "rows": [str(r["method"]) for r in rows]})
     return path
 
 
@@ -437,8 +344,6 @@ def compare_grid(pipe, prompt: str, methods: Sequence[dict[str, Any]], seeds: Se
     and renamed when complete."""
     from PIL import Image, ImageDraw
     from tqdm.auto import tqdm
-
-    from .cli import atomic_save_png
 
     font = _font()
     size = shapes.IMAGE_SIZE * zoom
@@ -461,7 +366,7 @@ def compare_grid(pipe, prompt: str, methods: Sequence[dict[str, Any]], seeds: Se
             tile = Image.fromarray(im).resize((size, size), Image.Resampling.NEAREST)
             img.paste(tile, (label_w + j * (size + gap), y))
     path = Path(path)
-    atomic_save_png(img, path, {"prompt": prompt, "methods": list(methods), "seeds": list(seeds), "steps": steps})
+    cli_common.atomic_save_png(img, path, {"prompt": prompt, "methods": list(methods), "seeds": list(seeds), "steps": steps})
     return path
 
 

@@ -63,7 +63,7 @@ GUIDE_CLASSIFIER_PATH: str | None = None
 
 def shapes_guide_probabilities() -> Callable[[torch.Tensor], torch.Tensor]:
     """Images -> shapes-class probabilities with the shipped "guide" classifier."""
-    from .evaluation import load_classifier
+    from .shipped import load_classifier
 
     classifier = load_classifier("guide", GUIDE_CLASSIFIER_PATH)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -17,7 +17,8 @@ import torch
 
 from guidance_engine.samplers import StartImage
 
-from .common import UNetBranches
+if TYPE_CHECKING:
+    from .common import UNetBranches
 
 ImageLike = Any  # PIL image, numpy array, torch tensor, a path, or a list of them
 

@@ -118,7 +118,6 @@ class InversionMixin:
         return self.posterior_sample(pixels, None, mean=True) * self.vae.config.scaling_factor
 
     def text_to_image(self, prompt, **kwargs: Any):
-        """The text-to-image call of this pipeline family (img2img / inpainting subclasses too)."""
-        from .stable_diffusion import GuidedStableDiffusionPipeline
-
-        return GuidedStableDiffusionPipeline.__call__(self, prompt, **kwargs)
+        """The text-to-image call of this pipeline family (img2img / inpainting subclasses too):
+        each family's pipeline defines it."""
+        raise NotImplementedError(f"{type(self).__name__}: no text-to-image call to regenerate with")

@@ -8,26 +8,7 @@ from pathlib import Path
 
 import torch
 
-_SHIPPED = Path(__file__).resolve().parent / "default_model"
-
-
-def default_model_path() -> Path:
-    """The shipped default model's directory (diffusers format, trained by ``train_default``)."""
-    if not (_SHIPPED / "model_index.json").is_file():
-        raise FileNotFoundError(f"the default model is missing from the installation ({_SHIPPED}); "
-                                "reinstall guidance-engine or pass --model")
-    return _SHIPPED
-
-
-_SHIPPED_DIT = Path(__file__).resolve().parent / "default_model_dit"
-
-
-def default_dit_model_path() -> Path:
-    """The shipped class-conditional default model (a tiny DiT, trained by ``train_dit``)."""
-    if not (_SHIPPED_DIT / "model_index.json").is_file():
-        raise FileNotFoundError(f"the class-conditional default model is missing from the installation "
-                                f"({_SHIPPED_DIT}); reinstall guidance-engine or pass --model")
-    return _SHIPPED_DIT
+from .shipped import default_dit_model_path, default_model_path  # noqa: F401 (their home is shipped.py)
 
 
 def pipeline_class_for(model: str | os.PathLike):

@@ -28,8 +28,6 @@ from torch import nn
 
 from guidance_engine.guidance import Perturbation
 
-from .row_plan import original_processor
-
 __all__ = ["DEFAULT_LAYERS", "gaussian_blur_queries", "model_family", "perturbed_rows", "resolve_layers",
            "skipping_forward"]
 
@@ -115,9 +113,7 @@ def resolve_layers(model: nn.Module, perturbation: Perturbation, owner: str = "g
         if perturbation.kind == "skip" and type(module).__name__ not in _SKIP_OUTPUTS:
             raise ValueError(f"{owner}: cannot skip block {name} of type {type(module).__name__} "
                              f"(supported: {', '.join(_SKIP_OUTPUTS)})")
-        if perturbation.kind != "skip" and isinstance(original_processor(module), nn.Module):
-            raise ValueError(f"{owner}: layer {name} has a trainable processor ({type(module.processor).__name__}, "
-                             "e.g. IP-Adapter); perturbing it is not supported")
+
     return list(chosen.items())
 
 

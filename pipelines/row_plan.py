@@ -28,6 +28,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .attention_probe import record_attention
+from .perturbation import perturbed_rows, skipping_forward
+
 __all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "install_block",
            "install_processor", "install_time_hook", "original_processor", "unwrapped"]
 
@@ -87,9 +90,6 @@ class PlanProcessor:
     def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = _PLAN.get()
         if plan is not None and (attn in plan.probes or attn in plan.attention):
-            from .attention_probe import record_attention
-            from .perturbation import perturbed_rows
-
             encoder_hidden_states = kwargs.pop("encoder_hidden_states", args[0] if args else None)
             attention_mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
             if attn in plan.probes:
@@ -151,8 +151,6 @@ class PlanBlockForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = _PLAN.get()
         if plan is not None and self.block in plan.blocks:
-            from .perturbation import skipping_forward
-
             return skipping_forward(self.block, self.forward, plan.blocks[self.block])(*args, **kwargs)
         return self.forward(*args, **kwargs)
 

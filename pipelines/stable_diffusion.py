@@ -170,3 +170,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
             return image, has_nsfw
         return self.guided_output(image, nfe_per_image, state, guide, sampler, nsfw_content_detected=has_nsfw,
                                   warnings=cut)
+
+    def text_to_image(self, prompt, **kwargs: Any):
+        """The text-to-image call that :meth:`regenerate` runs (img2img / inpainting subclasses too)."""
+        return GuidedStableDiffusionPipeline.__call__(self, prompt, **kwargs)

@@ -200,7 +200,7 @@ def tiny_bpe_merges(words: Sequence[str] = TINY_VOCAB_WORDS) -> list[tuple[str, 
         segmented = [_merge_pair(s, best) for s in segmented]
 
 
-def _tiny_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
+def tiny_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
     """CLIP-ordered vocabulary: bytes, bytes + ``</w>``, merge results, then BOS and EOS."""
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + _WORD_SUFFIX for c in chars] + [a + b for a, b in merges]
@@ -229,7 +229,7 @@ def build_tiny_tokenizer(directory: str | os.PathLike[str]) -> CLIPTokenizer:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     merges = tiny_bpe_merges()
-    vocab = _tiny_vocab(merges)
+    vocab = tiny_vocab(merges)
     vocab_path = directory / "vocab.json"
     merges_path = directory / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -514,3 +514,23 @@ def tiny_sd3_components(seed: int = 0, tokenizer_dir: str | os.PathLike[str] | N
         "tokenizer_3": None,
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
     }
+
+
+def tiny_dit_components(num_classes: int = 1000, learned_sigma: bool = True, seed: int = 0, scheduler=None
+                        ) -> dict[str, Any]:
+    """Components of a tiny random DiT pipeline built in code (tests): a 2-layer
+    ``Transformer2DModel`` (adaLN-zero, patch 2, 16 x 16 x 4 latents, ``num_classes`` classes,
+    learned sigma by default, as the ImageNet DiT), the tiny VAE and a scheduler (DDIM by
+    default). adaLN-zero starts as the identity; the weights are jittered so that the output
+    depends on the class."""
+    from diffusers import DDIMScheduler, Transformer2DModel
+
+    with _seeded(seed):
+        transformer = Transformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
+            num_layers=2, sample_size=16, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=num_classes,
+            norm_elementwise_affine=False)
+        for p in transformer.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+    return {"transformer": transformer.eval(), "vae": _tiny_vae(seed).eval(),
+            "scheduler": scheduler if scheduler is not None else DDIMScheduler()}

@@ -65,12 +65,12 @@ def build_tokenizer(directory: str | os.PathLike[str]):
     """Write the shapes vocabulary (``vocab.json`` / ``merges.txt``) to ``directory`` and load it."""
     from transformers import CLIPTokenizer
 
-    from .tiny_models import _tiny_vocab, tiny_bpe_merges
+    from .tiny_models import tiny_vocab, tiny_bpe_merges
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     merges = tiny_bpe_merges(shapes.VOCABULARY)
-    vocab = _tiny_vocab(merges)
+    vocab = tiny_vocab(merges)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                           encoding="utf-8")

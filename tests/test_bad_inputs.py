@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guidance_engine.pipelines import cli, models
+from guidance_engine.pipelines import cli, cli_common, models
 
 # (arguments, text the message must contain); "{tmp}" is the test's empty directory.
 CASES: list[tuple[list[str], str]] = [
@@ -135,7 +135,7 @@ def test_bad_input_is_refused_before_the_model_loads(argv, message, tmp_path, ca
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(cli_common, "load_quietly", no_model)
     monkeypatch.setattr(models, "load_pipeline", no_model)  # batch loads through it
     monkeypatch.chdir(tmp_path)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -122,12 +122,12 @@ def test_two_processes_match_a_single_process_run(setup) -> None:
 # The run under test, slowed down after each image so that the kill lands midway on a busy machine.
 SLOW_CLI = """
 import sys, time
-from guidance_engine.pipelines import cli
-save = cli.atomic_save_png
+from guidance_engine.pipelines import cli, cli_common
+save = cli_common.atomic_save_png
 def slow_save(*args, **kwargs):
     save(*args, **kwargs)
     time.sleep(0.5)
-cli.atomic_save_png = slow_save
+cli_common.atomic_save_png = slow_save
 sys.exit(cli.main(sys.argv[1:]))
 """
 

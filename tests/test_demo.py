@@ -21,7 +21,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from demo_bad_inputs import DEMO_CASES, DEMO_CLI_CASES, markdown_table, request  # noqa: E402, F401
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from guidance_engine.pipelines import cli, demo_app, models  # noqa: E402
+from guidance_engine.pipelines import cli, cli_common, demo_app, models  # noqa: E402
 
 STEPS = 4
 # gradio's queue calls pandas APIs that pandas 3 deprecates; not this project's warnings
@@ -221,7 +221,7 @@ def test_bad_command_line_refused_before_the_model_loads(argv, expected, busy_po
 
     for name in ("launch", "build_demo", "_load_pipe"):
         monkeypatch.setattr(demo_app, name, no_model)
-    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(cli_common, "load_quietly", no_model)
     assert cli.main([a.replace("{busy}", str(busy_port)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("guidance-engine: error: ") and err.count("\n") == 1 and "Traceback" not in err, err

@@ -448,7 +448,7 @@ def _family(name: str):
     """(guided pipeline, a weaker reference network of the same family, a generating call, the
     conditioning keyword both networks must see) for SDXL, SD3 and DiT on tiny models."""
     from guidance_engine.pipelines import GuidedDiTPipeline, GuidedStableDiffusionXLPipeline
-    from guidance_engine.pipelines.dit import tiny_dit_components
+    from guidance_engine.pipelines.tiny_models import tiny_dit_components
     from guidance_engine.pipelines.tiny_models import tiny_sdxl_components
 
     if name == "dit":
