@@ -15,7 +15,6 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from guidance_engine.guidance import Guidance, Perturbation
-from guidance_engine.methods.cfg import CFG
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SampleResult, StartImage, StepRecord, sample
 from guidance_engine.samplers.loop import check_run
@@ -24,6 +23,7 @@ from guidance_engine.samplers.schedule import is_flow_scheduler
 if TYPE_CHECKING:
     from .image_input import ImageInput
 
+from . import conditions
 from .messages import PromptTruncatedWarning
 from .perturbation import resolve_layers
 from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook, original_processor
@@ -305,7 +305,7 @@ class GuidedPipelineMixin:
         dict takes ``guidance_scale`` as its ``scale`` when given; an object must carry its own."""
         if guidance is None:
             scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-            return CFG(scale=scale, rescale=guidance_rescale)
+            return conditions.stock_guidance(scale, guidance_rescale)
         if isinstance(guidance, Guidance):
             if guidance_scale is not None or guidance_rescale:
                 raise ValueError("guidance_scale/guidance_rescale: set them on the guidance object itself, "

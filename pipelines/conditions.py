@@ -34,9 +34,12 @@ import torch
 
 from .guide_classifier import attach_dit_gfcg, attach_text_gfcg
 
-__all__ = ["INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "attach_dit_gfcg", "attach_text_gfcg",
+__all__ = ["DEFAULT_INVERSION_GUIDANCE", "INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "attach_dit_gfcg", "attach_text_gfcg",
            "independent_class_conditions", "independent_text_conditions", "negative_branch_inputs",
-           "stock_skip_layer_guidance"]
+           "stock_guidance", "stock_skip_layer_guidance"]
+
+#: What ``invert`` uses unless told: CFG++ (its official inversion).
+DEFAULT_INVERSION_GUIDANCE = "cfgpp"
 
 #: A branch of its own for the negative prompt (Perp-Neg).
 NEGATIVE = "negative"
@@ -51,6 +54,13 @@ def _stream(generator) -> torch.Generator:
     first = generator[0] if isinstance(generator, list) else generator
     return torch.Generator().manual_seed(first.initial_seed() + 7919 if first is not None else
                                          int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+def stock_guidance(scale: float, rescale: float = 0.0):
+    """What ``guidance=None`` means: the stock pipelines' CFG (with diffusers' rescale)."""
+    from guidance_engine.methods.cfg import CFG
+
+    return CFG(scale=scale, rescale=rescale)
 
 
 def negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size: int) -> tuple | None:

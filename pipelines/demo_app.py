@@ -44,8 +44,12 @@ API_NAME = "generate"
 UPSCALE = 4  # the shipped model draws 32x32 images; nearest-neighbour upscaling for display
 DEFAULT_METHODS = ("cfg", "apg")
 MAX_STEPS = 100
-# methods that need a particular solver (the others use the model's scheduler)
-SAMPLER_FOR = {"fkc": "euler_ancestral"}
+
+
+def sampler_for(guidance: Guidance) -> str | None:
+    """The demo's solver for a method: the model's scheduler, or Euler ancestral for a method that
+    needs fresh noise at every step (particle resampling)."""
+    return "euler_ancestral" if guidance.requires_stochastic_sampler else None
 
 
 def _scale_field(name: str):
@@ -162,7 +166,7 @@ class Generator:
                                      f"does not take; choose another method")
                 raise ValueError(f"negative_prompt: method {name!r} (Perp-Neg) needs a non-empty negative prompt "
                                  f"for its 'negative' branch, got {negative_prompt or ''!r}")
-            check_run(guidance, self.pipe.scheduler, num_steps=steps, sampler=SAMPLER_FOR.get(name))
+            check_run(guidance, self.pipe.scheduler, num_steps=steps, sampler=sampler_for(guidance))
             guidances.append((name, guidance))
         return guidances
 
@@ -188,7 +192,7 @@ class Generator:
             start = time.perf_counter()
             out = generate_from_prompts(self.pipe, prompt, negative_prompt=negative_prompt,
                                         num_inference_steps=steps, guidance=guidance,
-                                        generator=generator, sampler=SAMPLER_FOR.get(name))
+                                        generator=generator, sampler=sampler_for(guidance))
             seconds = time.perf_counter() - start
             notes += [note for note in getattr(out, "warnings", []) if note not in notes]
             image = out.images[0]

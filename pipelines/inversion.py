@@ -19,6 +19,7 @@ from guidance_engine.samplers.inversion import check_inversion
 from guidance_engine.samplers.inversion import invert as invert_latents
 from guidance_engine.samplers.schedule import is_flow_scheduler
 
+from . import conditions
 from .common import GuidanceSpec, UNetBranches
 from .image_input import ImageInput, ImageLike, load_image
 
@@ -43,7 +44,7 @@ class InversionMixin:
     text-to-image call, which regenerates)."""
 
     @torch.no_grad()
-    def invert(self, image: ImageLike, prompt: str | list[str] = "", *, guidance: GuidanceSpec = "cfgpp",
+    def invert(self, image: ImageLike, prompt: str | list[str] = "", *, guidance: GuidanceSpec = conditions.DEFAULT_INVERSION_GUIDANCE,
                guidance_scale: float | None = None, num_inference_steps: int = 10, negative_prompt: str | None = None,
                cross_attention_kwargs: dict[str, Any] | None = None, **conditioning: Any) -> InversionOutput:
         """Invert ``image`` (PIL, numpy, a [-1, 1] tensor, or a path) with ``prompt``.

@@ -1,0 +1,183 @@
+"""The architecture, checked from the source (docs/architecture.md describes it):
+
+- no import cycle among the package's modules, function-level imports counted (imports under
+  ``if TYPE_CHECKING:`` are annotations only and not counted);
+- no private name (``_x``) imported from another module;
+- the library path (the family pipelines, the branch model, the row alterations, the sampler
+  core) names no method and no method's branch, and reads no attribute a single method defines,
+  outside the provider table (pipelines/conditions.py, with GFCG's pipelines/guide_classifier.py):
+  a method is its own file, and a new one costs that file plus at most one provider.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from guidance_engine import method_class, method_names
+from guidance_engine.guidance import Guidance
+
+ROOT = Path(__file__).resolve().parents[1]
+#: package name -> source folder (pyproject.toml's package-dir)
+PACKAGES = {"guidance_engine": ROOT / "guidance_engine", "guidance_engine.pipelines": ROOT / "pipelines",
+            "guidance_engine.samplers": ROOT / "samplers", "guidance_engine.cuda": ROOT / "cuda"}
+#: where methods and their branches may be named in pipelines/: the provider table
+PROVIDERS = {"conditions", "guide_classifier"}
+#: the apps (CLI, batch, demo) and the toy world (data set, training, tiny models, evaluation kit):
+#: they choose methods for people (defaults, benchmark settings), they do not wire them
+APPS_AND_TOY = {"cli", "cli_common", "cli_checks", "cli_image", "batch", "demo_app", "demo_cli", "shapes",
+                "train_default", "train_dit", "tiny_models", "evaluation", "calibration", "shipped"}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            modules[".".join([package, *parts])] = path
+    return modules
+
+
+MODULES = _modules()
+
+
+def _runtime_imports(tree: ast.Module):
+    """Every import node outside ``if TYPE_CHECKING:`` blocks, at any depth."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skipped]
+
+
+def _target(module: str, path: Path, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".")
+    if path.name != "__init__.py":
+        parts = parts[:-1]
+    parts = parts[:len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def _graph() -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
+    edges: dict[str, set[str]] = {m: set() for m in MODULES}
+    private = []
+    for module, path in MODULES.items():
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges[module].update(alias.name for alias in node.names if alias.name in MODULES)
+                continue
+            target = _target(module, path, node)
+            for alias in node.names:
+                if f"{target}.{alias.name}" in MODULES:
+                    edges[module].add(f"{target}.{alias.name}")
+                elif target in MODULES:
+                    edges[module].add(target)
+                if alias.name.startswith("_") and target != "__future__" and target.startswith("guidance_engine"):
+                    private.append((module, target, alias.name))
+    return edges, private
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle() -> None:
+    assert _cycles(_graph()[0]) == []
+
+
+def test_an_import_cycle_is_detected() -> None:
+    """The check can fail: a cycle added to the graph is found."""
+    edges = {m: set(targets) for m, targets in _graph()[0].items()}
+    edges["guidance_engine.samplers.loop"].add("guidance_engine.pipelines.common")
+    assert any("guidance_engine.pipelines.common" in cycle for cycle in _cycles(edges))
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    assert _graph()[1] == []
+
+
+def _library_modules() -> dict[str, Path]:
+    return {m: p for m, p in MODULES.items()
+            if (m.startswith("guidance_engine.pipelines.") or m.startswith("guidance_engine.samplers"))
+            and m.rsplit(".", 1)[-1] not in PROVIDERS | APPS_AND_TOY}
+
+
+def _method_vocabulary() -> tuple[set[str], set[str]]:
+    """(names a method owns: registered names and the branch names methods declare, attributes
+    that only method classes define)."""
+    names, attributes = set(method_names()), set()
+    base = set(dir(Guidance))
+    for name in method_names():
+        cls = method_class(name)
+        for klass in cls.__mro__:
+            if klass in (Guidance, object):
+                break
+            attributes.update(a for a in vars(klass) if a not in base and not a.startswith("__"))
+    names |= {"negative", "cond2", "icg_random_tokens", "icg_noise", "gfcg_class_0"}
+    return names, attributes
+
+
+def _strings_and_reads(tree: ast.Module) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """String constants that are not docstrings, and attributes read on a guidance object
+    (receivers named guide / guidance / method / inner)."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    strings, reads = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            strings.append((node.lineno, node.value))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                node.value.id in ("guide", "guidance", "method", "inner"):
+            reads.append((node.lineno, node.attr))
+    return strings, reads
+
+
+@pytest.mark.parametrize("module", sorted(_library_modules()))
+def test_the_library_path_names_no_method(module) -> None:
+    names, attributes = _method_vocabulary()
+    path = MODULES[module]
+    tree = ast.parse(path.read_text())
+    strings, reads = _strings_and_reads(tree)
+    named = [(line, text) for line, text in strings if text in names]
+    read = [(line, attr) for line, attr in reads if attr in attributes]
+    imported = [node.lineno for node in _runtime_imports(tree) if isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("guidance_engine.methods")]
+    assert not named, f"{path.name} names methods or their branches at lines {named}: move it to conditions.py"
+    assert not read, f"{path.name} reads method-specific attributes {read}: declare them on Guidance"
+    assert not imported, f"{path.name} imports a method (lines {imported}): go through the provider table"
