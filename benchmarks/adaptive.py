@@ -23,9 +23,9 @@ import torch  # noqa: E402
 
 from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
-from guidance_engine.pipelines.calibration import calibrate_linear_ag  # noqa: E402
-from guidance_engine.pipelines.evaluation import DEFAULT_PROMPTS, evaluate, generate  # noqa: E402
-from guidance_engine.pipelines.shapes import make_dataset  # noqa: E402
+from guidance_engine.pipelines.toy.calibration import calibrate_linear_ag  # noqa: E402
+from guidance_engine.pipelines.toy.evaluation import DEFAULT_PROMPTS, evaluate, generate  # noqa: E402
+from guidance_engine.pipelines.toy.shapes import make_dataset  # noqa: E402
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from guidance_engine import resolve_guidance  # noqa: E402
 from guidance_engine.pipelines import default_model_path  # noqa: E402
 from guidance_engine.pipelines.common import UNetBranches  # noqa: E402
 from guidance_engine.pipelines.stable_diffusion_3 import TransformerBranches  # noqa: E402
-from guidance_engine.pipelines.tiny_models import tiny_sd3_components, tiny_sd_components  # noqa: E402
+from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components, tiny_sd_components  # noqa: E402
 from guidance_engine.samplers import sample  # noqa: E402
 from guidance_engine.samplers.schedule import is_flow_scheduler  # noqa: E402
 

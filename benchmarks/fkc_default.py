@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
-from guidance_engine.pipelines.evaluation import DEFAULT_PROMPTS, evaluate  # noqa: E402
+from guidance_engine.pipelines.toy.evaluation import DEFAULT_PROMPTS, evaluate  # noqa: E402
 
 
 def main() -> None:

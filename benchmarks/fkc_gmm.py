@@ -1,6 +1,6 @@
 """FKC vs CFG on an analytic Gaussian mixture: distance to the true target p_c^b p_u^(1-b).
 
-The "network" is the exact eps of a labelled Gaussian mixture (guidance_engine.gmm), so every
+The "network" is the exact eps of a labelled Gaussian mixture (guidance_engine.pipelines.toy.gmm), so every
 error is the method's (and the discretisation's), not a model's. CFG at weight b samples a biased
 law; FKC at the same b reweights and resamples groups of K particles towards the target. All
 methods get the same noise, solver (DDIM eta=1, i.e. Euler ancestral on DDIM's levels), steps and
@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler
 
 from guidance_engine import strict_json
 from guidance_engine import CFG
-from guidance_engine.gmm import (GaussianMixture, GMMBranchModel, grid_kl, grid_probabilities,
+from guidance_engine.pipelines.toy.gmm import (GaussianMixture, GMMBranchModel, grid_kl, grid_probabilities,
                                  guided_log_density, mmd, sample_guided_target)
 from guidance_engine.methods.fkc import FKC
 from guidance_engine.samplers import sample

@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler
 
 from guidance_engine import strict_json
 from guidance_engine import CFG
-from guidance_engine.gmm import (GaussianMixture, GMMBranchModel, guided_log_density, sample_guided_target,
+from guidance_engine.pipelines.toy.gmm import (GaussianMixture, GMMBranchModel, guided_log_density, sample_guided_target,
                                  wasserstein1_1d)
 from guidance_engine.methods.fkc import FKC
 from guidance_engine.samplers import sample

@@ -32,11 +32,11 @@ import torch  # noqa: E402
 from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedDiTPipeline  # noqa: E402
 from guidance_engine.pipelines import guide_classifier  # noqa: E402
-from guidance_engine.pipelines.evaluation import (DEFAULT_PROMPTS, frechet_distance, image_stats,  # noqa: E402
+from guidance_engine.pipelines.toy.evaluation import (DEFAULT_PROMPTS, frechet_distance, image_stats,  # noqa: E402
                                                   load_classifier, real_images_for_prompt)
 from guidance_engine.pipelines.models import default_dit_model_path, default_model_path  # noqa: E402
-from guidance_engine.pipelines.shapes import COLORS, make_dataset, parse_prompt  # noqa: E402
-from guidance_engine.pipelines.train_dit import NUM_CLASSES, class_labels  # noqa: E402
+from guidance_engine.pipelines.toy.shapes import COLORS, make_dataset, parse_prompt  # noqa: E402
+from guidance_engine.pipelines.toy.train_dit import NUM_CLASSES, class_labels  # noqa: E402
 
 #: Default grids per kind (the scales were looked at on tuning seeds, see --seed-offset).
 GRIDS = {

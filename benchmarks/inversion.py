@@ -28,8 +28,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from guidance_engine import strict_json  # noqa: E402
-from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path, shapes  # noqa: E402
-from guidance_engine.pipelines.evaluation import load_classifier  # noqa: E402
+from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
+from guidance_engine.pipelines.toy import shapes  # noqa: E402
+from guidance_engine.pipelines.toy.evaluation import load_classifier  # noqa: E402
 
 METHODS = (("cfg", 1.0), ("cfg", 3.0), ("cfg", 7.5), ("cfgpp", 0.2), ("cfgpp", 0.6), ("cfgpp", 1.0))
 NEW_COLOR = {"red": "yellow", "yellow": "green", "green": "blue", "blue": "red"}

@@ -24,7 +24,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
 
 from guidance_engine import strict_json  # noqa: E402
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, default_model_path  # noqa: E402
-from guidance_engine.pipelines.tiny_models import tiny_sd_components  # noqa: E402
+from guidance_engine.pipelines.toy.tiny_models import tiny_sd_components  # noqa: E402
 
 PROMPT = "two red triangles on a blue background"
 

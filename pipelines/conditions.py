@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import torch
 
-from .guide_classifier import attach_dit_gfcg, attach_text_gfcg
 
 __all__ = ["DEFAULT_INVERSION_GUIDANCE", "INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "attach_dit_gfcg", "attach_text_gfcg",
            "independent_class_conditions", "independent_text_conditions", "negative_branch_inputs",
@@ -45,6 +44,8 @@ DEFAULT_INVERSION_GUIDANCE = "cfgpp"
 NEGATIVE = "negative"
 #: The second prompt of a product-of-experts target.
 SECOND_PROMPT = "cond2"
+#: GFCG's per-class branches: ``gfcg_class_<k>``.
+CLASS_BRANCH_PREFIX = "gfcg_class_"
 #: Independent conditions, redrawn at every step (ICG): random tokens (or classes), or noise.
 INDEPENDENT = ("icg_random_tokens", "icg_noise")
 
@@ -54,6 +55,29 @@ def _stream(generator) -> torch.Generator:
     first = generator[0] if isinstance(generator, list) else generator
     return torch.Generator().manual_seed(first.initial_seed() + 7919 if first is not None else
                                          int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+def _asks_for_classes(guide) -> bool:
+    return any(str(branch).startswith(CLASS_BRANCH_PREFIX) for branch in guide.required_branches())
+
+
+def attach_text_gfcg(pipe, guide, branches, prompt, num_images_per_prompt: int, encode):
+    """GFCG on a text-to-image pipeline (:mod:`.guide_classifier`: the shipped shapes classes);
+    any other method passes through without loading it."""
+    if not _asks_for_classes(guide):
+        return guide
+    from .guide_classifier import attach_text_gfcg as attach
+
+    return attach(pipe, guide, branches, prompt, num_images_per_prompt, encode)
+
+
+def attach_dit_gfcg(pipe, guide, branches, labels: torch.Tensor, classifier=None):
+    """GFCG on a class-conditional pipeline (:mod:`.guide_classifier`); others pass through."""
+    if not _asks_for_classes(guide):
+        return guide
+    from .guide_classifier import attach_dit_gfcg as attach
+
+    return attach(pipe, guide, branches, labels, classifier)
 
 
 def stock_guidance(scale: float, rescale: float = 0.0):

@@ -3,7 +3,7 @@ class of every row, and a conditioning per class (branches ``gfcg_class_<k>``).
 
 The shapes classes (the class-conditional default model, and GFCG on the text-to-image default
 model) are shape x colour, 12 of them, class ``k = shape_index * 4 + colour_index`` over
-:data:`~guidance_engine.pipelines.shapes.SHAPES` and :data:`~guidance_engine.pipelines.shapes.COLORS`
+:data:`~guidance_engine.pipelines.toy.shapes.SHAPES` and :data:`~guidance_engine.pipelines.toy.shapes.COLORS`
 (0 "red circle", 1 "green circle", ..., 11 "yellow triangle"). Their probabilities are the
 product of the guide classifier's shape and colour heads (softmax each): the heads are trained
 as independent attributes. Only the "guide" classifier is ever used here; the "eval" one
@@ -20,7 +20,7 @@ import torch
 from guidance_engine.guidance import Guidance
 from guidance_engine.methods.gfcg import GFCG, class_branch
 
-from . import shapes
+from .toy import shapes
 
 #: class id -> (shape, colour) of the shapes classes; names "red circle", "green circle", ...
 SHAPE_CLASSES: tuple[tuple[str, str], ...] = tuple((s, c) for s in shapes.SHAPES for c in shapes.COLORS)
@@ -63,7 +63,7 @@ GUIDE_CLASSIFIER_PATH: str | None = None
 
 def shapes_guide_probabilities() -> Callable[[torch.Tensor], torch.Tensor]:
     """Images -> shapes-class probabilities with the shipped "guide" classifier."""
-    from .shipped import load_classifier
+    from .toy.classifiers import load_classifier
 
     classifier = load_classifier("guide", GUIDE_CLASSIFIER_PATH)
 

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline  # noqa: E402
-from guidance_engine.pipelines.tiny_models import tiny_sd_components, tiny_sdxl_components  # noqa: E402
+from guidance_engine.pipelines.toy.tiny_models import tiny_sd_components, tiny_sdxl_components  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from guidance_engine.pipelines.demo_app import METHODS
+from guidance_engine.pipelines.apps.demo_app import METHODS
 
 PROMPT = "a red circle on a blue background"
 #: a good request; every case changes some of it

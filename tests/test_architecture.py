@@ -24,11 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"guidance_engine": ROOT / "guidance_engine", "guidance_engine.pipelines": ROOT / "pipelines",
             "guidance_engine.samplers": ROOT / "samplers", "guidance_engine.cuda": ROOT / "cuda"}
 #: where methods and their branches may be named in pipelines/: the provider table
-PROVIDERS = {"conditions", "guide_classifier"}
+PROVIDERS = {"guidance_engine.pipelines.conditions", "guidance_engine.pipelines.guide_classifier"}
 #: the apps (CLI, batch, demo) and the toy world (data set, training, tiny models, evaluation kit):
 #: they choose methods for people (defaults, benchmark settings), they do not wire them
-APPS_AND_TOY = {"cli", "cli_common", "cli_checks", "cli_image", "batch", "demo_app", "demo_cli", "shapes",
-                "train_default", "train_dit", "tiny_models", "evaluation", "calibration", "shipped"}
+OUTSIDE = ("guidance_engine.pipelines.apps", "guidance_engine.pipelines.toy")
 
 
 def _modules() -> dict[str, Path]:
@@ -131,10 +130,47 @@ def test_no_private_name_is_imported_across_modules() -> None:
     assert _graph()[1] == []
 
 
+def _outside(module: str) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in OUTSIDE)
+
+
 def _library_modules() -> dict[str, Path]:
+    """The library path: the pipelines package (not its apps and toy world) and the sampler core."""
     return {m: p for m, p in MODULES.items()
-            if (m.startswith("guidance_engine.pipelines.") or m.startswith("guidance_engine.samplers"))
-            and m.rsplit(".", 1)[-1] not in PROVIDERS | APPS_AND_TOY}
+            if (m.startswith("guidance_engine.pipelines") or m.startswith("guidance_engine.samplers"))
+            and not _outside(m)}
+
+
+def _module_level_imports(module: str) -> set[str]:
+    """The package modules ``module`` imports when it is imported (top-level statements)."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            target = _target(module, path, node)
+            for alias in node.names:
+                found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in MODULES else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}
+    return {m for m in found | parents if m in MODULES}
+
+
+def test_importing_the_library_loads_neither_the_apps_nor_the_toy_world() -> None:
+    """The library path never imports the apps, and reaches the toy world (the shipped shapes
+    classes) only inside a call that asks for GFCG on the shipped models."""
+    bridge = "guidance_engine.pipelines.guide_classifier"  # GFCG on the shipped shapes models
+    for start in set(_library_modules()) - {bridge}:
+        seen, todo = set(), [start]
+        while todo:
+            module = todo.pop()
+            if module in seen:
+                continue
+            seen.add(module)
+            todo.extend(_module_level_imports(module))
+        reached = sorted(m for m in seen if _outside(m) or m == bridge)
+        assert not reached, f"importing {start} imports {reached}"
 
 
 def _method_vocabulary() -> tuple[set[str], set[str]]:
@@ -168,7 +204,7 @@ def _strings_and_reads(tree: ast.Module) -> tuple[list[tuple[int, str]], list[tu
     return strings, reads
 
 
-@pytest.mark.parametrize("module", sorted(_library_modules()))
+@pytest.mark.parametrize("module", sorted(set(_library_modules()) - PROVIDERS))
 def test_the_library_path_names_no_method(module) -> None:
     names, attributes = _method_vocabulary()
     path = MODULES[module]

@@ -19,7 +19,7 @@ from guidance_engine.cuda import attention, processors  # noqa: E402
 from guidance_engine.cuda.processors import (  # noqa: E402
     ATTENTION_NAMES, TritonAttnProcessor, kv_savings, set_attention, unet_cross_attention_dims)
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline  # noqa: E402
-from guidance_engine.pipelines.tiny_models import tiny_sd_components  # noqa: E402
+from guidance_engine.pipelines.toy.tiny_models import tiny_sd_components  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 

@@ -156,8 +156,8 @@ def test_a_prompt_longer_than_the_encoder_reads_is_reported(tmp_path, capsys) ->
 
     from PIL import Image
 
-    from guidance_engine.pipelines import cli
-    from guidance_engine.pipelines.batch import run_batch
+    from guidance_engine.pipelines.apps import cli
+    from guidance_engine.pipelines.apps.batch import run_batch
     from guidance_engine.pipelines.messages import PromptTruncatedWarning
     from guidance_engine.pipelines.models import load_pipeline
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from guidance_engine.pipelines import cli, cli_common, models
+from guidance_engine.pipelines import models
+from guidance_engine.pipelines.apps import cli, cli_common
 
 # (arguments, text the message must contain); "{tmp}" is the test's empty directory.
 CASES: list[tuple[list[str], str]] = [

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from guidance_engine.pipelines import models
-from guidance_engine.pipelines.batch import image_name, image_seed, rebuild_from_manifest
-from guidance_engine.pipelines.cli import main
-from guidance_engine.pipelines.tiny_models import save_tiny_sd
+from guidance_engine.pipelines.apps.batch import image_name, image_seed, rebuild_from_manifest
+from guidance_engine.pipelines.apps.cli import main
+from guidance_engine.pipelines.toy.tiny_models import save_tiny_sd
 
 LINES = [
     {"prompt": "a red circle on a blue background"},
@@ -98,7 +98,7 @@ def test_two_processes_match_a_single_process_run(setup) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "guidance_engine.pipelines.cli", "batch", str(prompts), "--out", str(out), "--model", str(model),
+           "-m", "guidance_engine.pipelines.apps.cli", "batch", str(prompts), "--out", str(out), "--model", str(model),
            "--steps", "2", "--per-prompt", str(PER_PROMPT), "--seed", "5", "--batch-size", "2", "--device", "cpu",
            "--no-progress"]
     run = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=300)
@@ -122,7 +122,7 @@ def test_two_processes_match_a_single_process_run(setup) -> None:
 # The run under test, slowed down after each image so that the kill lands midway on a busy machine.
 SLOW_CLI = """
 import sys, time
-from guidance_engine.pipelines import cli, cli_common
+from guidance_engine.pipelines.apps import cli, cli_common
 save = cli_common.atomic_save_png
 def slow_save(*args, **kwargs):
     save(*args, **kwargs)

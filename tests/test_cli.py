@@ -7,8 +7,8 @@ import json
 from PIL import Image
 
 from guidance_engine.registry import method_class, method_names
-from guidance_engine.pipelines.cli import main
-from guidance_engine.pipelines.tiny_models import save_tiny_sd
+from guidance_engine.pipelines.apps.cli import main
+from guidance_engine.pipelines.toy.tiny_models import save_tiny_sd
 
 
 def test_generate_writes_png_with_its_settings(tmp_path, capsys) -> None:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from guidance_engine.pipelines import shapes
-from guidance_engine.pipelines.cli import main
+from guidance_engine.pipelines.toy import shapes
+from guidance_engine.pipelines.apps.cli import main
 
 
 def _render(tmp_path, color="red"):
@@ -60,7 +60,7 @@ def test_image_commands_on_an_sdxl_checkpoint(tmp_path):
     import torch
 
     from guidance_engine.pipelines import GuidedStableDiffusionXLImg2ImgPipeline
-    from guidance_engine.pipelines.tiny_models import save_tiny_sdxl
+    from guidance_engine.pipelines.toy.tiny_models import save_tiny_sdxl
 
     model = save_tiny_sdxl(tmp_path / "xl")
     image = _render(tmp_path)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from guidance_engine.pipelines import shapes
-from guidance_engine.pipelines.evaluation import (
+from guidance_engine.pipelines.toy import shapes
+from guidance_engine.pipelines.toy.evaluation import (
     compare_grid,
     default_model_path,
     evaluate,

@@ -1,4 +1,4 @@
-"""The Gradio demo (guidance_engine.pipelines.demo_app): API through gradio_client, the queue under
+"""The Gradio demo (guidance_engine.pipelines.apps.demo_app): API through gradio_client, the queue under
 simultaneous requests, bad input refused (API requests and command lines, tests/demo_bad_inputs.py)
 before any model call with a message naming parameter, range and value, and a headless-Chromium
 browser run."""
@@ -21,7 +21,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from demo_bad_inputs import DEMO_CASES, DEMO_CLI_CASES, markdown_table, request  # noqa: E402, F401
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from guidance_engine.pipelines import cli, cli_common, demo_app, models  # noqa: E402
+from guidance_engine.pipelines import models  # noqa: E402
+from guidance_engine.pipelines.apps import cli, cli_common, demo_app  # noqa: E402
 
 STEPS = 4
 # gradio's queue calls pandas APIs that pandas 3 deprecates; not this project's warnings
@@ -249,7 +250,7 @@ def test_methods_and_ranges():
 def test_cli_parser():
     import argparse
 
-    from guidance_engine.pipelines.demo_cli import add_demo_parser
+    from guidance_engine.pipelines.apps.demo_cli import add_demo_parser
 
     parser = argparse.ArgumentParser()
     add_demo_parser(parser.add_subparsers(dest="command"))

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DiTPipeline, DPMSolverMultistepScheduler
 
 from guidance_engine.pipelines import GuidedDiTPipeline
 from guidance_engine.pipelines.dit import null_class_label
-from guidance_engine.pipelines.tiny_models import tiny_dit_components
+from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
 from conftest import quiet, seeded
 
 

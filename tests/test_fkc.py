@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
 from guidance_engine import CFG, Prediction, StepInfo, resolve_guidance
-from guidance_engine.gmm import (GaussianMixture, GMMBranchModel, grid_kl, grid_probabilities, wasserstein1_1d,
+from guidance_engine.pipelines.toy.gmm import (GaussianMixture, GMMBranchModel, grid_kl, grid_probabilities, wasserstein1_1d,
                                  guided_log_density, mmd, sample_guided_target)
 from guidance_engine.methods.fkc import (FKC, draw_by_weight, draw_particles, cfg_increment, multinomial_resample,
                                          product_increment, systematic_resample)

@@ -11,7 +11,7 @@ import torch
 from guidance_engine import CFG, resolve_guidance
 from guidance_engine.methods.gfcg import GFCG, adaptive_factor, reference_classes
 from guidance_engine.pipelines import GuidedDiTPipeline
-from guidance_engine.pipelines.tiny_models import tiny_dit_components
+from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
 from guidance_engine.pipelines.guide_classifier import ID2LABEL, prompt_class, shape_class, swap_prompt
 from conftest import PROMPT, quiet, seeded
 

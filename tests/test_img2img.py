@@ -10,7 +10,7 @@ from diffusers import (EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPi
 from PIL import Image
 
 from guidance_engine.pipelines import GuidedStableDiffusionImg2ImgPipeline, GuidedStableDiffusionInpaintPipeline
-from guidance_engine.pipelines.tiny_models import TINY_IMAGE_SIZE, tiny_sd_components
+from guidance_engine.pipelines.toy.tiny_models import TINY_IMAGE_SIZE, tiny_sd_components
 
 from conftest import PROMPT, quiet, seeded
 
@@ -195,7 +195,7 @@ def test_bad_inputs_fail_before_any_model_call(components, tmp_path):
 
 @pytest.fixture(scope="module")
 def xl_components():
-    from guidance_engine.pipelines.tiny_models import tiny_sdxl_components
+    from guidance_engine.pipelines.toy.tiny_models import tiny_sdxl_components
 
     return tiny_sdxl_components(0)
 

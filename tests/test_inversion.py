@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from guidance_engine.methods.cfg import CFG
 from guidance_engine.methods.cfgpp import CFGPlusPlus
 from guidance_engine.pipelines import GuidedStableDiffusionImg2ImgPipeline, GuidedStableDiffusionPipeline
-from guidance_engine.pipelines.tiny_models import TINY_IMAGE_SIZE, tiny_sd_components
+from guidance_engine.pipelines.toy.tiny_models import TINY_IMAGE_SIZE, tiny_sd_components
 from guidance_engine.samplers import sample
 from guidance_engine.samplers.inversion import invert
 
@@ -98,7 +98,7 @@ def default_pipe():
 
 @pytest.mark.parametrize("method", ["cfg", "cfgpp"])
 def test_invert_then_regenerate_reconstructs_on_the_default_model(default_pipe, method):
-    from guidance_engine.pipelines import shapes
+    from guidance_engine.pipelines.toy import shapes
 
     prompt = "a large red circle on a blue background, center"
     image = shapes.render({"shape": "circle", "color": "red", "background": "blue", "size": "large",
@@ -133,7 +133,7 @@ def test_sdxl_invert_is_the_core_inversion_of_its_conditions_and_regenerates(tmp
     the inverse of the pipeline's decoding; regenerate is the DDIM text-to-image call from there."""
     from guidance_engine.pipelines import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLPipeline
     from guidance_engine.pipelines.common import UNetBranches
-    from guidance_engine.pipelines.tiny_models import tiny_sdxl_components
+    from guidance_engine.pipelines.toy.tiny_models import tiny_sdxl_components
 
     xl = quiet(GuidedStableDiffusionXLPipeline(**tiny_sdxl_components(0)))
     image, second = _image(), "a blue square"

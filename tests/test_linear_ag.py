@@ -9,7 +9,7 @@ import torch
 
 from guidance_engine import CFG, LinearAG
 from guidance_engine.methods.linear_ag import fit_coefficients, predicted_steps, save_calibration
-from guidance_engine.pipelines.calibration import calibrate_linear_ag
+from guidance_engine.pipelines.toy.calibration import calibrate_linear_ag
 from conftest import PROMPT, seeded
 
 

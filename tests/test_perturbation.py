@@ -25,7 +25,7 @@ from guidance_engine.pipelines import GuidedStableDiffusion3Pipeline
 from guidance_engine.pipelines.common import UNetBranches
 from guidance_engine.pipelines.perturbation import gaussian_blur_queries, resolve_layers
 from guidance_engine.pipelines.row_plan import PlanBlockForward, current
-from guidance_engine.pipelines.tiny_models import tiny_sd3_components, tiny_sd_components
+from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components, tiny_sd_components
 from conftest import PROMPT, quiet, seeded
 
 STEPS = 4
@@ -448,8 +448,8 @@ def _family(name: str):
     """(guided pipeline, a weaker reference network of the same family, a generating call, the
     conditioning keyword both networks must see) for SDXL, SD3 and DiT on tiny models."""
     from guidance_engine.pipelines import GuidedDiTPipeline, GuidedStableDiffusionXLPipeline
-    from guidance_engine.pipelines.tiny_models import tiny_dit_components
-    from guidance_engine.pipelines.tiny_models import tiny_sdxl_components
+    from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
+    from guidance_engine.pipelines.toy.tiny_models import tiny_sdxl_components
 
     if name == "dit":
         pipe = quiet(GuidedDiTPipeline(**tiny_dit_components(num_classes=6, learned_sigma=False)))

@@ -12,7 +12,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 
 from guidance_engine import APG, CFG
 from guidance_engine.pipelines import GuidedStableDiffusionPipeline
-from guidance_engine.pipelines.tiny_models import save_tiny_sd, tiny_sd_components
+from guidance_engine.pipelines.toy.tiny_models import save_tiny_sd, tiny_sd_components
 from guidance_engine.samplers import NonFiniteLatentsError
 from conftest import PROMPT, quiet, seeded
 

@@ -2,7 +2,7 @@
 
 The blocks are parsed from README.md at test time, so an edit of the README is re-tested. Shell
 commands run in a subprocess (the ``guidance-engine`` console script is run as
-``python -m guidance_engine.pipelines.cli``) with a temporary directory as cwd that holds the input
+``python -m guidance_engine.pipelines.apps.cli``) with a temporary directory as cwd that holds the input
 files the README refers to (in.png, mask.png, prompts.txt). The Python blocks run, in README order,
 in one fresh namespace (the img2img block continues the API block: ``pipe``, ``prompt``).
 """
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-CLI = [sys.executable, "-m", "guidance_engine.pipelines.cli"]
+CLI = [sys.executable, "-m", "guidance_engine.pipelines.apps.cli"]
 
 # Commands not run, keyed on a substring of the command text (after `pip install ... &&` is cut):
 SKIP = {

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from guidance_engine.pipelines import GuidedStableDiffusion3Pipeline
-from guidance_engine.pipelines.tiny_models import tiny_sd3_components
+from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components
 from conftest import PROMPT, quiet, seeded
 
 

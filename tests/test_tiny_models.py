@@ -16,7 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPTokenizer
 
-from guidance_engine.pipelines.tiny_models import (
+from guidance_engine.pipelines.toy.tiny_models import (
     BOS_TOKEN,
     EOS_TOKEN,
     TINY_IMAGE_SIZE,

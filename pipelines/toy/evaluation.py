@@ -1,7 +1,7 @@
 """Evaluation kit for the default model: attribute classifiers, metrics, tables, plots, grids.
 
 Two small CNN attribute classifiers are trained on the procedural shapes data set
-(:mod:`guidance_engine.pipelines.shapes`) and shipped under ``default_model/classifiers/``:
+(:mod:`guidance_engine.pipelines.toy.shapes`) and shipped under ``default_model/classifiers/``:
 
 * ``"eval"``  - used only to *measure* samples (alignment, fidelity features, diversity);
 * ``"guide"`` - a different architecture, seed and training set, available to guidance methods
@@ -23,7 +23,7 @@ Metrics of :func:`evaluate` (one row per guidance method, over ``prompts`` x ``s
 ``sec_per_image``    wall time per image
 
 Retrain the classifiers with
-``python -m guidance_engine.pipelines.evaluation train-classifiers``.
+``python -m guidance_engine.pipelines.toy.evaluation train-classifiers``.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ import torch.nn.functional as F
 
 from guidance_engine import strict_json
 
-from . import cli_common, shapes
-from .models import default_model_path, load_pipeline
-from .shipped import (ARCHITECTURES, ATTRIBUTE_HEADS, AttributeClassifier, classifier_path, forget_classifier,
+from ..apps import cli_common
+
+from . import shapes
+from ..models import default_model_path, load_pipeline
+from .classifiers import (ARCHITECTURES, ATTRIBUTE_HEADS, AttributeClassifier, classifier_path, forget_classifier,
                       load_classifier)
 
 __all__ = [

@@ -35,8 +35,8 @@ from .cli_checks import (check_device, check_eta, check_int, check_model_directo
                          check_run_settings, check_seeds, check_size, check_steps)
 from .cli_image import add_image_parsers  # noqa: E402
 from .demo_cli import add_demo_parser  # noqa: E402
-from .messages import PromptTruncatedWarning  # noqa: E402
-from .models import DIT_SHORTHAND, generate_from_prompts, is_class_conditional, refuse_text_options  # noqa: E402
+from ..messages import PromptTruncatedWarning  # noqa: E402
+from ..models import DIT_SHORTHAND, generate_from_prompts, is_class_conditional, refuse_text_options  # noqa: E402
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -97,7 +97,7 @@ def parse_methods(text: str) -> list[dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import DEFAULT_PROMPTS, evaluate, format_table, plot_metrics
+    from ..toy.evaluation import DEFAULT_PROMPTS, evaluate, format_table, plot_metrics
 
     methods = parse_methods(args.methods)
     check_int("--seeds", args.seeds, 1, 100000)
@@ -121,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .evaluation import compare_grid
+    from ..toy.evaluation import compare_grid
 
     methods = parse_methods(args.methods)
     check_int("--seeds", args.seeds, 1, 1024)
@@ -194,13 +194,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_linear_ag(args: argparse.Namespace) -> int:
-    from .calibration import calibrate_linear_ag
-    from .models import load_pipeline
+    from ..toy.calibration import calibrate_linear_ag
+    from ..models import load_pipeline
 
     prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()] \
         if args.prompts else None
     if prompts is None:
-        from .shapes import make_dataset
+        from ..toy.shapes import make_dataset
         prompts = list(make_dataset(args.num_prompts, seed=args.seed)[1])
     prompts = prompts[:args.num_prompts]
     pipe = load_pipeline(args.model, device=args.device, dtype="float32")

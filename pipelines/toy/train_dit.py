@@ -1,15 +1,15 @@
 """Train the project's class-conditional default model: a tiny DiT on the shapes data set (CPU).
 
-    python -m guidance_engine.pipelines.train_dit --vae pipelines/default_model/vae \\
+    python -m guidance_engine.pipelines.toy.train_dit --vae pipelines/default_model/vae \\
         --out pipelines/default_model_dit --threads 1
-    python -m guidance_engine.pipelines.train_dit ... --resume          # continue a run
+    python -m guidance_engine.pipelines.toy.train_dit ... --resume          # continue a run
 
 The result is an ordinary diffusers DiT folder (``DiTPipeline`` layout: ``transformer/``,
 ``vae/``, ``scheduler/``, ``model_index.json`` with ``id2label`` as in the ImageNet DiT
 checkpoints) that loads with ``GuidedDiTPipeline.from_pretrained(DIR)`` (and with the stock
 ``DiTPipeline``, whose hard-coded null class 1000 does not fit it) and generates 32 x 32 images.
 
-* classes: shape x colour of :mod:`~guidance_engine.pipelines.shapes`, 12 of them, id
+* classes: shape x colour of :mod:`~guidance_engine.pipelines.toy.shapes`, 12 of them, id
   ``k = shape_index * 4 + colour_index``: 0 red circle, 1 green circle, 2 blue circle, 3 yellow
   circle, 4 red square, ..., 8 red triangle, ..., 11 yellow triangle (``id2label``). Background,
   size, position and count are not conditioned on: they vary freely within a class.
@@ -90,8 +90,8 @@ def _write_losses(rows: list[dict], path: Path) -> None:
 def train(args: argparse.Namespace) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from .dit import GuidedDiTPipeline
-    from .guide_classifier import ID2LABEL
+    from ..dit import GuidedDiTPipeline
+    from ..guide_classifier import ID2LABEL
 
     torch.set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work or f"{args.out}.work")

@@ -1,7 +1,7 @@
 """Train the project's default text-to-image model on the procedural shapes data set (CPU).
 
-    python -m guidance_engine.pipelines.train_default --out pipelines/default_model
-    python -m guidance_engine.pipelines.train_default --out DIR --resume      # continue a run
+    python -m guidance_engine.pipelines.toy.train_default --out pipelines/default_model
+    python -m guidance_engine.pipelines.toy.train_default --out DIR --resume      # continue a run
 
 The result is an ordinary diffusers Stable Diffusion folder (``StableDiffusionPipeline``
 ``save_pretrained``, safetensors, float16 UNet / VAE weights, float32 text encoder, no safety
@@ -9,7 +9,7 @@ checker) that loads with
 ``GuidedStableDiffusionPipeline.from_pretrained(DIR)`` and generates 32 x 32 images:
 
 * tokenizer: a CLIP byte-level BPE tokenizer whose whole-word vocabulary is the data set's
-  caption words (:data:`guidance_engine.pipelines.shapes.VOCABULARY`), ``model_max_length=16``;
+  caption words (:data:`guidance_engine.pipelines.toy.shapes.VOCABULARY`), ``model_max_length=16``;
 * text encoder: a 2-layer, 64-wide ``CLIPTextModel`` trained jointly with the UNet;
 * VAE: a 3-level ``AutoencoderKL`` mapping 32 x 32 x 3 images to 8 x 8 x 4 latents, trained
   first (L1 + 0.1 L2 + 1e-6 KL, shape pixels weighted x4 against the background); its ``scaling_factor`` is 1 / the latent std of the data;

@@ -99,7 +99,7 @@ def _check_safetensors(path: Path) -> str | None:
 def check_model_directory(model: str | None) -> None:
     """A diffusers model directory that can load: ``model_index.json`` and, for each component it
     names, a subfolder whose weight files are complete. None (the shipped model) passes."""
-    from .models import DIT_SHORTHAND, resolve_model
+    from ..models import DIT_SHORTHAND, resolve_model
 
     if model is None or (model == DIT_SHORTHAND and not Path(model).exists()):
         return
@@ -130,7 +130,7 @@ def check_model_directory(model: str | None) -> None:
 
 def check_steps(steps: int, model: str | None) -> None:
     """At least one step, at most the scheduler's training steps (1000 for the shipped models)."""
-    from .models import resolve_model
+    from ..models import resolve_model
 
     high = scheduler_training_steps(Path(resolve_model(model))) or 1000
     check_int("--steps", steps, 1, high)
@@ -175,7 +175,7 @@ def model_scheduler(model: str | None):
     settings are checked against the scheduler that will run them. None when it has no config."""
     import diffusers
 
-    from .models import resolve_model
+    from ..models import resolve_model
 
     folder = Path(resolve_model(model)) / "scheduler"
     try:

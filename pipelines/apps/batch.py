@@ -1,7 +1,7 @@
 """``guidance-engine batch``: many prompts, many images, one or many processes, resumable.
 
     guidance-engine batch prompts.txt --out runs/a --method apg --scale 5 --per-prompt 4
-    accelerate launch --num_processes 4 -m guidance_engine.pipelines.cli batch prompts.jsonl --out runs/a
+    accelerate launch --num_processes 4 -m guidance_engine.pipelines.apps.cli batch prompts.jsonl --out runs/a
 
 Every image gets a seed from (base seed, prompt index, image index) alone (:func:`image_seed`),
 so the images do not depend on the number of processes or the batch size (up to float rounding
@@ -32,8 +32,8 @@ from guidance_engine.samplers import SAMPLER_NAMES
 from . import cli_common
 from .cli_checks import (SEED_MAX, check_device, check_eta, check_int, check_model_directory, check_run_settings,
                          check_size, check_steps, check_writable_directory)
-from .messages import PromptTruncatedWarning
-from .models import check_class_label, checkpoint_classes, is_class_conditional, refuse_text_options
+from ..messages import PromptTruncatedWarning
+from ..models import check_class_label, checkpoint_classes, is_class_conditional, refuse_text_options
 
 MANIFEST = "manifest.jsonl"
 SHARD_PREFIX = "manifest-"
@@ -172,7 +172,7 @@ class Unit:
 
 
 def _units(specs: Sequence[PromptSpec], per_prompt: int, base_seed: int) -> list[Unit]:
-    from .common import GuidedPipelineMixin
+    from ..common import GuidedPipelineMixin
 
     units = []
     for spec in specs:
@@ -411,7 +411,7 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
-    from .models import generate_from_prompts, load_pipeline
+    from ..models import generate_from_prompts, load_pipeline
 
     diffusers_logging.disable_progress_bar()
     pipe = load_pipeline(_model_arg(common["model"]), device=device, dtype=common["dtype"])
@@ -484,7 +484,7 @@ def rebuild_from_manifest(line: str | dict[str, Any], model=None, device: str = 
     """
     import torch
 
-    from .models import generate_from_prompts, load_pipeline
+    from ..models import generate_from_prompts, load_pipeline
 
     entry = json.loads(line) if isinstance(line, str) else dict(line)
     missing = [key for key in ("prompt", "guidance", "steps", "seed") if key not in entry]

@@ -65,7 +65,7 @@ def labelled_grid(images: list, labels: list[str], path: Path, zoom: int = 4) ->
 def cmd_img2img(args: argparse.Namespace) -> int:
     import torch
 
-    from .image_input import load_image
+    from ..image_input import load_image
 
     from .cli_checks import check_eta, check_int, check_seeds
 
@@ -107,11 +107,11 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 
 
 def _image_pipeline(pipe, inpaint: bool):
-    from .img2img import GuidedStableDiffusionImg2ImgPipeline
-    from .inpaint import GuidedStableDiffusionInpaintPipeline
-    from .stable_diffusion import GuidedStableDiffusionPipeline
-    from .stable_diffusion_xl import GuidedStableDiffusionXLPipeline
-    from .xl_image import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLInpaintPipeline
+    from ..img2img import GuidedStableDiffusionImg2ImgPipeline
+    from ..inpaint import GuidedStableDiffusionInpaintPipeline
+    from ..stable_diffusion import GuidedStableDiffusionPipeline
+    from ..stable_diffusion_xl import GuidedStableDiffusionXLPipeline
+    from ..xl_image import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLInpaintPipeline
 
     if isinstance(pipe, GuidedStableDiffusionXLPipeline):
         cls = GuidedStableDiffusionXLInpaintPipeline if inpaint else GuidedStableDiffusionXLImg2ImgPipeline
@@ -124,7 +124,7 @@ def _image_pipeline(pipe, inpaint: bool):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from .image_input import load_image
+    from ..image_input import load_image
 
     guidance = _guidance(args)
     _check_common(args, [Path(args.output)], guidance, inversion=True)

@@ -142,7 +142,7 @@ class Generator:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt: must be a text, got {negative_prompt!r}")
         if self.class_conditional:
-            from .models import class_label, refuse_text_options
+            from ..models import class_label, refuse_text_options
 
             self.pipe.class_ids(class_label(prompt))  # ValueError naming the known classes
             refuse_text_options(**{"negative prompt": negative_prompt})
@@ -179,8 +179,8 @@ class Generator:
         import torch
         from PIL import Image
 
-        from .evaluation import image_stats
-        from .models import generate_from_prompts
+        from ..toy.evaluation import image_stats
+        from ..models import generate_from_prompts
 
         if isinstance(negative_prompt, str):
             negative_prompt = negative_prompt.strip() or None

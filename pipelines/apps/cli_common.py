@@ -78,7 +78,7 @@ def load_quietly(model: str | None, device: str, dtype: str = "float32"):
     """The pipeline, without diffusers' loading bars (the sampling bar stays)."""
     from diffusers.utils import logging as diffusers_logging
 
-    from .models import load_pipeline
+    from ..models import load_pipeline
 
     diffusers_logging.disable_progress_bar()
     return load_pipeline(model, device=device, dtype=dtype)
