@@ -29,7 +29,7 @@ from diffusers import (SD3Transformer2DModel, StableDiffusion3Pipeline, StableDi
 from guidance_engine import strict_json  # noqa: E402
 from guidance_engine import resolve_guidance  # noqa: E402
 from guidance_engine.pipelines import default_model_path  # noqa: E402
-from guidance_engine.pipelines.common import UNetBranches  # noqa: E402
+from guidance_engine.pipelines.common import NetworkBranches  # noqa: E402
 from guidance_engine.pipelines.stable_diffusion_3 import TransformerBranches  # noqa: E402
 from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components, tiny_sd_components  # noqa: E402
 from guidance_engine.samplers import sample  # noqa: E402
@@ -47,7 +47,7 @@ METHODS = {
 class PerBranch:
     """The engine's branch model, but one network call per branch (as diffusers' guiders)."""
 
-    def __init__(self, inner: UNetBranches) -> None:
+    def __init__(self, inner: NetworkBranches) -> None:
         self.inner = inner
 
     def __call__(self, x, timestep, requests):
@@ -97,7 +97,7 @@ def setup(model: str, batch: int):
     else:
         pipe = small_unet_pipe()
     embeds, negative = pipe.encode_prompt([PROMPT] * batch, "cpu", 1, True)
-    branches = UNetBranches(pipe.unet, {"cond": {"encoder_hidden_states": embeds},
+    branches = NetworkBranches(pipe.unet, {"cond": {"encoder_hidden_states": embeds},
                                         "uncond": {"encoder_hidden_states": negative}})
     size = pipe.unet.config.sample_size
     prediction = "flow" if is_flow_scheduler(pipe.scheduler) else pipe.scheduler.config.get("prediction_type",

@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "GuidedPipelineOutput": ".common",
+    "NetworkBranches": ".common",
     "UNetBranches": ".common",
     "GuidedStableDiffusionPipeline": ".stable_diffusion",
     "GuidedStableDiffusionImg2ImgPipeline": ".img2img",

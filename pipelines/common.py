@@ -64,9 +64,10 @@ class GuidedPipelineOutput(BaseOutput):
     warnings: list[str] = field(default_factory=list)
 
 
-class UNetBranches:
-    """Evaluates branches on a conditional UNet in ONE forward: the rows of branch ``b`` see that
-    branch's conditioning (text embeddings, SDXL's pooled embeddings and time ids).
+class NetworkBranches:
+    """Evaluates branches on a conditional network (a UNet; transformers in subclasses) in ONE
+    forward: the rows of branch ``b`` see that branch's conditioning (text embeddings, SDXL's
+    pooled embeddings and time ids).
 
     ``conditions[b]`` maps UNet keyword names to tensors; ``added_cond_kwargs`` entries are given
     under their own names (``text_embeds``, ``time_ids``); ``inpaint_channels`` (mask and
@@ -81,11 +82,11 @@ class UNetBranches:
 
     _ADDED = ("text_embeds", "time_ids")
 
-    def __init__(self, unet, conditions: dict[str, dict[str, torch.Tensor]],
+    def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]],
                  cross_attention_kwargs: dict[str, Any] | None = None,
                  providers: Mapping[str, Callable[[], dict[str, torch.Tensor]]] | None = None,
                  networks: Mapping[str, Any] | None = None) -> None:
-        self.unet = unet
+        self.model = model  # the main network: a UNet or a transformer
         self.conditions = conditions
         self.cross_attention_kwargs = cross_attention_kwargs
         # Branches whose conditioning is drawn afresh at every step (ICG's independent condition).
@@ -106,7 +107,7 @@ class UNetBranches:
 
     def network(self, name: str | None):
         """The network that evaluates a branch: the main one, or ``networks[name]``."""
-        return self.unet if name is None else self.networks[name]
+        return self.model if name is None else self.networks[name]
 
     def layers(self, model, perturbation: Perturbation, owner: str = "guidance") -> list:
         """The modules of ``model`` that ``perturbation`` alters (resolved once per call)."""
@@ -232,7 +233,7 @@ class UNetBranches:
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
         """One network call on the assembled rows (the UNet's signature; subclasses adapt)."""
-        model = self.unet if model is None else model
+        model = self.model if model is None else model
         added = {key: stacked(key) for key in self._ADDED}  # SDXL's text embeddings and time ids
         if any(value is None for value in added.values()):
             added = None
@@ -243,6 +244,10 @@ class UNetBranches:
             return model(x_in, timestep, encoder_hidden_states=stacked("encoder_hidden_states"),
                          added_cond_kwargs=added, cross_attention_kwargs=self.cross_attention_kwargs,
                          return_dict=False)[0]
+
+
+#: The former name (it holds transformers too).
+UNetBranches = NetworkBranches
 
 
 class GuidedPipelineMixin:
@@ -403,7 +408,7 @@ class GuidedPipelineMixin:
             return latents.to(device=device, dtype=dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
-    def denoise(self, branches: UNetBranches, guide: Guidance, shape: tuple[int, ...], *, dtype: torch.dtype,
+    def denoise(self, branches: NetworkBranches, guide: Guidance, shape: tuple[int, ...], *, dtype: torch.dtype,
                 device: torch.device, generator, latents: torch.Tensor | None, particle_output: str,
                 start: ImageInput | None = None, **core_kwargs: Any) -> tuple[torch.Tensor, list[int], Any]:
         """Draw the initial noise and run the core; returns (latents to decode, NFEs per output
@@ -468,7 +473,7 @@ class GuidedPipelineMixin:
                              f"got {particle_output!r}")
         return particle_output
 
-    def _run_core(self, branches: UNetBranches, noise: torch.Tensor, guidance: Guidance, *, sampler: str | None,
+    def _run_core(self, branches: NetworkBranches, noise: torch.Tensor, guidance: Guidance, *, sampler: str | None,
                     num_inference_steps: int, timesteps, sigmas, eta: float | None, generator,
                     callback_on_step_end, callback_on_step_end_tensor_inputs: list[str],
                     callback_tensors: Mapping[str, tuple[str, str]],
@@ -519,7 +524,7 @@ class GuidedPipelineMixin:
         return guide.group_size()
 
     @staticmethod
-    def repeat_for_particles(branches: UNetBranches, generator, k: int):
+    def repeat_for_particles(branches: NetworkBranches, generator, k: int):
         """Give every image K consecutive rows (one particle each): conditions repeated in place, a
         generator list repeated so that an image's particles draw from that image's generator."""
         for condition in branches.conditions.values():

@@ -29,7 +29,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
 
 
 def null_class_label(transformer) -> int | None:
@@ -44,7 +44,7 @@ def null_class_label(transformer) -> int | None:
     return None
 
 
-class DiTBranches(UNetBranches):
+class DiTBranches(NetworkBranches):
     """The branch model over a DiT transformer: one forward, each branch's rows with its class
     labels; the output's first ``latent_channels`` channels (the eps half of learned-sigma
     models). Rows go in the stock order (conditional before null)."""
@@ -56,9 +56,9 @@ class DiTBranches(UNetBranches):
     def check_alterations(self, branch, owner: str = "guidance") -> None:
         """Altered layers (PAG, SEG, SLG) and SAG's attention probe act on the DiT blocks'
         self-attention, TSG's noise on the blocks' time-step embeddings."""
-        if branch.time_noise > 0 and not self.time_embeddings(self.unet):
+        if branch.time_noise > 0 and not self.time_embeddings(self.model):
             raise ValueError(f"guidance: method {owner!r} perturbs the DiT blocks' time-step embeddings "
-                             f"(norm1.emb.timestep_embedder); {type(self.unet).__name__} has none")
+                             f"(norm1.emb.timestep_embedder); {type(self.model).__name__} has none")
 
     def time_embeddings(self, model) -> list:
         """Every block's time-step MLP (``norm1.emb.timestep_embedder``; the final layer reuses block
@@ -71,7 +71,7 @@ class DiTBranches(UNetBranches):
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
-        model = self.unet if model is None else model
+        model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)

@@ -18,7 +18,7 @@ import torch
 from guidance_engine.samplers import StartImage
 
 if TYPE_CHECKING:
-    from .common import UNetBranches
+    from .common import NetworkBranches
 
 ImageLike = Any  # PIL image, numpy array, torch tensor, a path, or a list of them
 
@@ -113,7 +113,7 @@ class ImageInput:
             latents = torch.cat([latents] * (batch // latents.shape[0]))
         return latents
 
-    def prepare(self, pipe, branches: UNetBranches, shape: tuple[int, ...], particles: int, *, dtype, device,
+    def prepare(self, pipe, branches: NetworkBranches, shape: tuple[int, ...], particles: int, *, dtype, device,
                 generator, latents: torch.Tensor | None) -> tuple[StartImage, torch.Tensor | None]:
         """Encode the image, then draw the noise (the stock order). With particles the noise is
         left to the core (one draw per particle)."""

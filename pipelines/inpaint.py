@@ -19,7 +19,7 @@ import torch
 
 from guidance_engine.samplers import StartImage
 
-from .common import GuidanceSpec, GuidedPipelineOutput, UNetBranches
+from .common import GuidanceSpec, GuidedPipelineOutput, NetworkBranches
 from .image_input import ImageInput, ImageLike, image_size, load_image
 from .stable_diffusion import GuidedStableDiffusionPipeline
 
@@ -49,7 +49,7 @@ class MaskedImageInput(ImageInput):
         """At strength 1 inpainting starts from pure noise (the stock pipelines' rule)."""
         return None if self.strength == 1.0 else float(self.strength)
 
-    def prepare(self, pipe, branches: UNetBranches, shape: tuple[int, ...], particles: int, *, dtype, device,
+    def prepare(self, pipe, branches: NetworkBranches, shape: tuple[int, ...], particles: int, *, dtype, device,
                 generator, latents: torch.Tensor | None) -> tuple[StartImage, torch.Tensor | None]:
         height, width = shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor
         pixels = self.pixels(pipe, height, width).to(dtype=torch.float32)

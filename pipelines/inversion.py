@@ -20,7 +20,7 @@ from guidance_engine.samplers.inversion import invert as invert_latents
 from guidance_engine.samplers.schedule import is_flow_scheduler
 
 from . import conditions
-from .common import GuidanceSpec, UNetBranches
+from .common import GuidanceSpec, NetworkBranches
 from .image_input import ImageInput, ImageLike, load_image
 
 
@@ -106,12 +106,12 @@ class InversionMixin:
 
     # -- the pipeline's hooks (SD 1.x / 2.x here; SDXL overrides them) -----------------------------
     def inversion_branches(self, prompts: list[str], negative_prompts: list[str] | None, size: tuple[int, int],
-                           cross_attention_kwargs: dict[str, Any] | None, **conditioning: Any) -> UNetBranches:
+                           cross_attention_kwargs: dict[str, Any] | None, **conditioning: Any) -> NetworkBranches:
         """The ``cond`` / ``uncond`` branches of one image per prompt."""
         if conditioning:
             raise ValueError(f"{type(self).__name__}.invert: unexpected argument(s) {sorted(conditioning)}")
         cond, uncond = self.encode_prompt(prompts, self._execution_device, 1, True, negative_prompts)
-        return UNetBranches(self.unet, {"cond": {"encoder_hidden_states": cond},
+        return NetworkBranches(self.unet, {"cond": {"encoder_hidden_states": cond},
                                         "uncond": {"encoder_hidden_states": uncond}}, cross_attention_kwargs)
 
     def inversion_latents(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
 from .inversion import InversionMixin
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, True, negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip)
-        branches = UNetBranches(self.unet, {
+        branches = NetworkBranches(self.unet, {
             "cond": {"encoder_hidden_states": prompt_embeds},
             "uncond": {"encoder_hidden_states": negative_prompt_embeds},
         }, cross_attention_kwargs, providers=conditions.independent_text_conditions(self, prompt_embeds, generator),

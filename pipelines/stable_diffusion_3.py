@@ -11,10 +11,10 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
 
 
-class TransformerBranches(UNetBranches):
+class TransformerBranches(NetworkBranches):
     """The branch model over an SD3 transformer: one forward, rows of each branch with that
     branch's text embeddings and pooled projections (stock order: unconditional first). Skipped
     blocks (SLG) act on their branch's rows inside that forward; the stock pipeline instead runs
@@ -30,7 +30,7 @@ class TransformerBranches(UNetBranches):
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
-        model = self.unet if model is None else model
+        model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
         with self.altered(model, x_in, spans):

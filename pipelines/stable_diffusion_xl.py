@@ -13,7 +13,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, UNetBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
 from .inversion import InversionMixin
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, negative_branch,
                          device, rows, num_images_per_prompt, cross_attention_kwargs, clip_skip, original_size,
                          crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
-                         negative_target_size) -> UNetBranches:
+                         negative_target_size) -> NetworkBranches:
         """The conditioned branches (``cond``, ``uncond``, the negative prompt's own): both text
         encoders' embeddings, pooled embeddings and micro-conditioning time ids, as the stock
         pipeline encodes them."""
@@ -174,7 +174,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
             negative_time_ids = self._get_add_time_ids(
                 negative_original_size, negative_crops_coords_top_left, negative_target_size,
                 dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim)
-        branches = UNetBranches(self.unet, {
+        branches = NetworkBranches(self.unet, {
             "cond": {"encoder_hidden_states": prompt_embeds.to(device), "text_embeds": pooled_prompt_embeds.to(device),
                      "time_ids": time_ids.to(device).repeat(rows, 1)},
             "uncond": {"encoder_hidden_states": negative_prompt_embeds.to(device),
@@ -197,7 +197,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                            cross_attention_kwargs: dict[str, Any] | None, *, prompt_2=None, negative_prompt_2=None,
                            original_size: tuple[int, int] | None = None,
                            crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
-                           clip_skip: int | None = None) -> UNetBranches:
+                           clip_skip: int | None = None) -> NetworkBranches:
         """SDXL's ``cond`` / ``uncond`` branches of one image per prompt (both text encoders, pooled
         embeddings, micro-conditioning at the image's size unless given), as in :meth:`__call__`."""
         return self._prompt_branches(

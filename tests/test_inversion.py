@@ -132,7 +132,7 @@ def test_sdxl_invert_is_the_core_inversion_of_its_conditions_and_regenerates(tmp
     image's size, the pipeline's own null condition), the image is the posterior mean encoded as
     the inverse of the pipeline's decoding; regenerate is the DDIM text-to-image call from there."""
     from guidance_engine.pipelines import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLPipeline
-    from guidance_engine.pipelines.common import UNetBranches
+    from guidance_engine.pipelines.common import NetworkBranches
     from guidance_engine.pipelines.toy.tiny_models import tiny_sdxl_components
 
     xl = quiet(GuidedStableDiffusionXLPipeline(**tiny_sdxl_components(0)))
@@ -145,7 +145,7 @@ def test_sdxl_invert_is_the_core_inversion_of_its_conditions_and_regenerates(tmp
                                                            num_images_per_prompt=1, do_classifier_free_guidance=True)
     time_ids = xl._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
                                     text_encoder_projection_dim=xl.text_encoder_2.config.projection_dim)
-    branches = UNetBranches(xl.unet, {
+    branches = NetworkBranches(xl.unet, {
         "cond": {"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": time_ids},
         "uncond": {"encoder_hidden_states": uncond, "text_embeds": uncond_pooled, "time_ids": time_ids}})
     pixels = xl.image_processor.preprocess(image[None].astype(np.float32) / 255.0)

@@ -22,7 +22,7 @@ from guidance_engine.methods.sag import SAG
 from guidance_engine.methods.seg import SEG
 from guidance_engine.methods.slg import SLG
 from guidance_engine.pipelines import GuidedStableDiffusion3Pipeline
-from guidance_engine.pipelines.common import UNetBranches
+from guidance_engine.pipelines.common import NetworkBranches
 from guidance_engine.pipelines.perturbation import gaussian_blur_queries, resolve_layers
 from guidance_engine.pipelines.row_plan import PlanBlockForward, current
 from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components, tiny_sd_components
@@ -202,7 +202,7 @@ def test_slg_zero_is_cfg_on_sd3(sd3_pair) -> None:
 def test_only_the_perturbed_rows_change(sd_pair, perturbation) -> None:
     _, guided = sd_pair
     embeds = guided.encode_prompt([PROMPT, "blue"], "cpu", 1, True)
-    branches = UNetBranches(guided.unet, {"cond": {"encoder_hidden_states": embeds[0]},
+    branches = NetworkBranches(guided.unet, {"cond": {"encoder_hidden_states": embeds[0]},
                                           "uncond": {"encoder_hidden_states": embeds[1]}})
     x, t = torch.randn(2, 4, 16, 16, generator=seeded(0)), torch.tensor(500)
     plain = branches(x, t, [("uncond", None), ("cond", None)])
@@ -349,7 +349,7 @@ def test_autoguidance_reference_rows_are_a_separate_call_of_the_reference_networ
     _, guided = sd_pair
     reference = _reference_unet()
     embeds = guided.encode_prompt([PROMPT, "blue"], "cpu", 1, True)[0]
-    branches = UNetBranches(guided.unet, {"cond": {"encoder_hidden_states": embeds}},
+    branches = NetworkBranches(guided.unet, {"cond": {"encoder_hidden_states": embeds}},
                             networks={"reference": reference})
     x, t = torch.randn(2, 4, 16, 16, generator=seeded(0)), torch.tensor(500)
     ref = AutoGuidance().reference_branch
