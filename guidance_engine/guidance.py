@@ -308,6 +308,16 @@ class Guidance:
         """Combine the branch predictions into a guided prediction."""
         raise NotImplementedError
 
+    def away_from(self, preds: Mapping[str, Prediction], reference: str, step: StepInfo) -> Prediction:
+        """``reference + w (cond - reference)`` with ``w = scale_at(step)``: the rule CFG, ICG,
+        TSG and autoguidance share (each with its own reference branch: the unconditional, an
+        independent condition, a perturbed time, a weaker network), one lerp as EDM2 writes it; the
+        conditional prediction alone when the reference was not evaluated (outside the interval)."""
+        cond = preds["cond"]
+        if reference not in preds:
+            return cond
+        return preds[reference].lerp(cond, self.scale_at(step))
+
     def after_step(self, x: torch.Tensor, preds: Mapping[str, Prediction], guided: GuidedPrediction,
                    step: StepInfo, state: Any) -> torch.Tensor | None:
         """Called after each solver step. A method that reweights particles (FKC) returns the

@@ -47,7 +47,9 @@ class Prediction:
             raise ValueError(f"kind must be one of {PREDICTION_TYPES}, got {self.kind!r}")
 
     # -- conversions -------------------------------------------------------------------------
-    def _coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output, x, alpha, sigma) in a working dtype of at least float32, alpha and sigma
+        broadcastable per sample: what every conversion between kinds is computed from."""
         work = torch.promote_types(self.output.dtype, torch.float32)
         out = self.output.to(work)
         x = self.x.to(work)
@@ -58,7 +60,7 @@ class Prediction:
     @cached_property
     def x0(self) -> torch.Tensor:
         """The denoised estimate (what k-diffusion calls ``denoised``)."""
-        m, x, a, s = self._coefficients()
+        m, x, a, s = self.coefficients()
         if self.kind == "epsilon":
             return (x - s * m) / a
         if self.kind == "v_prediction":
@@ -70,7 +72,7 @@ class Prediction:
     @cached_property
     def eps(self) -> torch.Tensor:
         """The noise estimate, as used to renoise."""
-        m, x, a, s = self._coefficients()
+        m, x, a, s = self.coefficients()
         if self.kind == "epsilon":
             return m
         if self.kind == "v_prediction":
@@ -82,7 +84,7 @@ class Prediction:
     @classmethod
     def from_x0(cls, x0: torch.Tensor, like: Prediction) -> Prediction:
         """The prediction of kind ``like.kind`` whose x0 is ``x0``, on the same input and level."""
-        _, x, a, s = like._coefficients()
+        _, x, a, s = like.coefficients()
         x0 = x0.to(x.dtype)
         eps = (x - a * x0) / s
         if like.kind == "epsilon":

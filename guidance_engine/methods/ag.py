@@ -29,6 +29,7 @@ import torch
 from ..guidance import Guidance, GuidedPrediction, StepInfo, param
 from ..prediction import Prediction
 from ..registry import register, resolve_guidance
+from ..vectors import cosine
 from .cfg import CFG
 
 
@@ -39,12 +40,6 @@ class AGState:
 
     switched_at: torch.Tensor
     inner: Any = None
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample cosine similarity over all non-batch dimensions, in float32."""
-    a, b = a.flatten(1).float(), b.flatten(1).float()
-    return torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
 
 
 def merge_rows(full: Prediction, rows: torch.Tensor, part: Prediction) -> Prediction:

@@ -26,6 +26,7 @@ import torch
 from ..guidance import Guidance, GuidedPrediction, StepInfo, param
 from ..prediction import Prediction
 from ..registry import register
+from ..vectors import project
 
 
 @dataclass
@@ -33,15 +34,6 @@ class APGState:
     """The momentum buffer M, one row per sample (None until the first guided step)."""
 
     momentum: torch.Tensor | None = None
-
-
-def project(diff: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``diff`` into its components parallel and orthogonal to ``onto``, per sample, in float64."""
-    dims = list(range(1, diff.ndim))
-    d, v = diff.double(), onto.double()
-    unit = v / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min(1e-12)
-    parallel = (d * unit).sum(dim=dims, keepdim=True) * unit
-    return parallel.to(diff.dtype), (d - parallel).to(diff.dtype)
 
 
 def apg_update(cond: torch.Tensor, uncond: torch.Tensor, scale: float, eta: float, norm_threshold: float,

@@ -69,7 +69,4 @@ class AutoGuidance(Guidance):
         return (self.reference_branch, "cond")
 
     def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
-        cond = preds["cond"]
-        if "autoguidance_ref" not in preds:
-            return GuidedPrediction.single(cond)
-        return GuidedPrediction.single(preds["autoguidance_ref"].lerp(cond, self.scale_at(step)))
+        return GuidedPrediction.single(self.away_from(preds, "autoguidance_ref", step))

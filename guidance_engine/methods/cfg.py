@@ -47,10 +47,7 @@ class CFG(Guidance):
     rescale: float = param(0.0, low=0.0, high=1.0, doc="guidance rescale phi (0.7 typical); 0 = off")
 
     def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
-        cond = preds["cond"]
-        if "uncond" not in preds:
-            return GuidedPrediction.single(cond)
-        guided = preds["uncond"].lerp(cond, self.scale_at(step))
-        if self.rescale > 0:
-            guided = guided.with_output(rescale(guided.output, cond.output, self.rescale))
+        guided = self.away_from(preds, "uncond", step)
+        if self.rescale > 0 and "uncond" in preds:
+            guided = guided.with_output(rescale(guided.output, preds["cond"].output, self.rescale))
         return GuidedPrediction.single(guided)

@@ -23,25 +23,13 @@ import torch
 from ..guidance import Guidance, GuidedPrediction, StepInfo, param
 from ..prediction import Prediction, per_sample
 from ..registry import register
+from ..vectors import from_velocity, velocity
 
 
 def optimized_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
     """alpha* per sample (shape [B]), in float32."""
     c, u = v_cond.flatten(1).float(), v_uncond.flatten(1).float()
     return (c * u).sum(1) / (u.pow(2).sum(1) + 1e-8)
-
-
-def velocity(pred: Prediction) -> torch.Tensor:
-    """The flow velocity eps - x0 of any prediction (the raw output of a flow model)."""
-    return pred.output.float() if pred.kind == "flow" else pred.eps - pred.x0
-
-
-def from_velocity(v: torch.Tensor, like: Prediction) -> Prediction:
-    """The prediction whose velocity is ``v`` on ``like``'s input and level."""
-    if like.kind == "flow":
-        return like.with_output(v.to(like.output.dtype))
-    _, x, a, s = like._coefficients()
-    return Prediction.from_x0((x - s * v) / (a + s), like=like)
 
 
 @register

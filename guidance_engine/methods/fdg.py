@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..guidance import Guidance, GuidedPrediction, StepInfo, param
 from ..prediction import Prediction
 from ..registry import register
-from .apg import project
+from ..vectors import project
 
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 

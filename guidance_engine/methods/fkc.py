@@ -248,7 +248,7 @@ class FKC(Guidance):
         weights = self.exponents(b)
         if weights == {"cond": 1.0}:
             return GuidedPrediction.single(cond)
-        _, x, a, s = cond._coefficients()
+        _, x, a, s = cond.coefficients()
         if bool((a == 0).any()):
             # Pure noise (flow start): the summed score has no finite x0; move with the factors' mean.
             mean = cond if len(weights) == 1 else cond.lerp(preds["cond2"], 0.5)

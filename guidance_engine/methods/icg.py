@@ -49,7 +49,4 @@ class ICG(Guidance):
         return (self.reference, "cond")
 
     def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
-        cond = preds["cond"]
-        if self.reference not in preds:
-            return GuidedPrediction.single(cond)
-        return GuidedPrediction.single(preds[self.reference].lerp(cond, self.scale_at(step)))
+        return GuidedPrediction.single(self.away_from(preds, self.reference, step))

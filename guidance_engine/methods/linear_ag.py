@@ -160,7 +160,7 @@ class LinearAG(Guidance):
         cond = preds["cond"]
         if step.index in state.predicted:
             eps_u = predict(state.coefficients[step.index], cond.eps, state.eps_c_prev, state.eps_u_prev)
-            _, x, a, s = cond._coefficients()
+            _, x, a, s = cond.coefficients()
             uncond = Prediction.from_x0((x - s * eps_u) / a, like=cond)
             state.eps_c_prev, state.eps_u_prev = cond.eps, eps_u
             return GuidedPrediction.single(uncond.lerp(cond, self.scale))

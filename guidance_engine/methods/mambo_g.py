@@ -33,7 +33,7 @@ import torch
 from ..guidance import Guidance, GuidedPrediction, StepInfo, param
 from ..prediction import Prediction
 from ..registry import register
-from .cfg_zero_star import velocity
+from ..vectors import velocity
 
 
 def magnitude_ratio(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 from ..guidance import Guidance, GuidedPrediction, StepInfo, param
 from ..prediction import Prediction
 from ..registry import register
-from .apg import project
+from ..vectors import project
 
 
 def perp_neg(cond: torch.Tensor, uncond: torch.Tensor, negative: torch.Tensor, scale: float,

@@ -73,7 +73,4 @@ class TSG(Guidance):
         return (Branch("tsg", base="cond", time_noise=strength, generator=state.generator), "cond")
 
     def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
-        cond = preds["cond"]
-        if "tsg" not in preds:
-            return GuidedPrediction.single(cond)
-        return GuidedPrediction.single(preds["tsg"].lerp(cond, self.scale_at(step)))
+        return GuidedPrediction.single(self.away_from(preds, "tsg", step))
