@@ -21,6 +21,8 @@ _EXPORTS = {
     "GuidedStableDiffusionXLInpaintPipeline": ".xl_image",
     "GuidedStableDiffusion3Pipeline": ".stable_diffusion_3",
     "GuidedDiTPipeline": ".dit",
+    "GuidedFluxPipeline": ".flux",
+    "FluxBranches": ".flux",
     "default_model_path": ".models",
     "load_pipeline": ".models",
 }

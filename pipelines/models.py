@@ -21,6 +21,9 @@ def pipeline_class_for(model: str | os.PathLike):
     if "DiT" in name:
         from .dit import GuidedDiTPipeline
         return GuidedDiTPipeline
+    if "Flux" in name:
+        from .flux import GuidedFluxPipeline
+        return GuidedFluxPipeline
     return GuidedStableDiffusionXLPipeline if "XL" in name else GuidedStableDiffusionPipeline
 
 

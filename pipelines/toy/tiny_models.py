@@ -57,6 +57,7 @@ __all__ = [
     "save_tiny_sd",
     "save_tiny_sdxl",
     "tiny_bpe_merges",
+    "tiny_flux_components",
     "tiny_sd_components",
     "tiny_sdxl_components",
 ]
@@ -534,3 +535,54 @@ def tiny_dit_components(num_classes: int = 1000, learned_sigma: bool = True, see
             p.data.add_(0.05 * torch.randn_like(p))
     return {"transformer": transformer.eval(), "vae": _tiny_vae(seed).eval(),
             "scheduler": scheduler if scheduler is not None else DDIMScheduler()}
+
+
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True,
+                         tokenizer_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Components for ``FluxPipeline(**components)``: a one-double-block, one-single-block Flux
+    transformer (patch 1 on 2 x 2-packed latents: 4 channels; rotary axes 4 + 4 + 8 = the head
+    width 16; the embedded guidance input when ``guidance_embeds``, as guidance-distilled Flux
+    models), a tiny CLIP text encoder (its pooled output is the pooled projection), a one-layer
+    T5 encoder (the token embeddings), both with the locally built tiny tokenizer (the T5 slot
+    takes the CLIP BPE tokenizer: no T5 vocabulary is built here), a tiny VAE with one latent
+    channel (scale factor 2: 32 x 32 images, 16 x 16 latents, 64 packed tokens of 4 channels) and
+    Flux's dynamically shifted ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    with _tokenizer_directory(tokenizer_dir) as directory:
+        tokenizer = build_tiny_tokenizer(directory)
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=_TEXT_HIDDEN,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
+    with _seeded(seed + 1):
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu"))
+    with _seeded(seed + 2):
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
+    with _seeded(seed):
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=_VAE_CHANNELS, layers_per_block=1, latent_channels=1,
+            norm_num_groups=_NORM_GROUPS, sample_size=TINY_IMAGE_SIZE,
+            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }

@@ -1,0 +1,322 @@
+"""``GuidedFluxPipeline``: the stock Flux pipeline (flow matching, a Flux transformer on 2 x 2-packed
+latent tokens with rotary positions, CLIP's pooled projection, T5 embeddings and, for
+guidance-distilled models, an embedded guidance input) with the engine's sampler core.
+
+Prompt encoding, the schedule (``sigmas = linspace(1, 1/n, n)`` with the dynamic shift ``mu``),
+input checks and decoding are the stock pipeline's; the loop is the core's. The core keeps the
+latents unpacked, (B, C, H, W) as for the other families; the branch model packs them into tokens
+for each forward and unpacks the output (a permutation of elements, so the stock pipeline's
+arithmetic is unchanged)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from . import conditions
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+
+__all__ = ["FluxBranches", "GuidedFluxPipeline", "pack_latents", "unpack_latents"]
+
+#: The branch the stock pipeline evaluates first (its conditional forward).
+_FIRST = "cond"
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents as Flux's tokens (B, H/2 * W/2, C * 4): the stock ``_pack_latents``."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Flux's tokens back to (B, C, height, width) latents (latent size): the stock ``_unpack_latents``."""
+    b, _, channels = tokens.shape
+    tokens = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return tokens.reshape(b, channels // 4, height, width)
+
+
+class FluxBranches(NetworkBranches):
+    """The branch model over a Flux transformer. ``conditions[b]`` holds branch ``b``'s T5
+    embeddings (``encoder_hidden_states``), CLIP's pooled projection (``pooled_projections``) and,
+    for a guidance-distilled model, the embedded guidance value per row (``guidance``); the image
+    token positions ``img_ids`` are shared, the text positions ``txt_ids`` (zeros, one row per
+    text token) follow each branch's embeddings.
+
+    ``separate_forwards``: each branch in a forward of its own, the conditional first, as the
+    stock pipeline runs its true CFG (a batched forward differs from single ones by float
+    rounding, ~1e-7 on CPU); False batches the branches into one forward as the other families.
+    Perturbed attention, skipped blocks, time-embedding noise and attention probes are not
+    available on Flux blocks (refused before any model call)."""
+
+    separate_forwards: bool = True
+
+    def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
+                 txt_ids: torch.Tensor, joint_attention_kwargs: dict[str, Any] | None = None,
+                 providers: Any = None, networks: Any = None) -> None:
+        super().__init__(model, conditions, joint_attention_kwargs, providers=providers, networks=networks)
+        self.img_ids = img_ids
+        self.txt_ids = txt_ids
+
+    @staticmethod
+    def refusal(branch, owner: str = "guidance") -> str | None:
+        """Why this branch's alteration cannot be made on a Flux transformer (None: it can)."""
+        if branch.time_noise > 0:
+            return (f"guidance: method {owner!r} perturbs the time-step embedding, which GuidedFluxPipeline does "
+                    "not support yet (Flux embeds time, guidance and the pooled text together)")
+        if branch.probe is not None:
+            return (f"guidance: method {owner!r} reads a plain self-attention map, which Flux transformers do not "
+                    "have (their joint attention mixes text and image tokens)")
+        if branch.perturb is not None:
+            return (f"guidance: method {owner!r} alters attention layers or skips blocks, which GuidedFluxPipeline "
+                    "does not support yet on Flux's double- and single-stream blocks")
+        return None
+
+    @classmethod
+    def check_method(cls, guide) -> None:
+        """ValueError naming the method if it alters the network in a way Flux cannot (before any
+        prompt is encoded)."""
+        for branch in guide.altered_branches():
+            message = cls.refusal(branch, guide.name)
+            if message is not None:
+                raise ValueError(message)
+
+    def check_alterations(self, branch, owner: str = "guidance") -> None:
+        message = self.refusal(branch, owner)
+        if message is not None:
+            raise ValueError(message)
+
+    def check_supports(self, guide) -> None:
+        self.check_method(guide)  # our reason first, before layer names are resolved
+        super().check_supports(guide)
+
+    def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor,
+                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = ()
+                  ) -> dict[str, torch.Tensor]:
+        if not self.separate_forwards or len(requests) < 2:
+            with self.cache_context(model, requests):
+                return super()._evaluate(model, x, timestep, requests, probes)
+        out: dict[str, torch.Tensor] = {}
+        for request in sorted(requests, key=lambda r: r[0] != _FIRST):  # stable: the stock order
+            with self.cache_context(model, [request]):
+                out.update(super()._evaluate(model, x, timestep, [request],
+                                             [p for p in probes if p.base == request[0]]))
+        return out
+
+    @staticmethod
+    def cache_context(model, requests: Sequence[tuple[str, Any]]):
+        """The transformer's cache context named after the branches (the stock "cond" / "uncond"),
+        so that a cache hook keeps the branches apart."""
+        import contextlib
+
+        if not hasattr(model, "cache_context"):
+            return contextlib.nullcontext()
+        return model.cache_context("+".join(str(name) for name, _ in requests))
+
+    def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
+                spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
+        model = self.model if model is None else model
+        for _, _, branch in spans:
+            self.check_alterations(branch)
+        rows, _, height, width = x_in.shape
+        encoder = stacked("encoder_hidden_states")
+        txt_ids = self.txt_ids
+        if txt_ids.shape[0] != encoder.shape[1]:
+            txt_ids = torch.zeros(encoder.shape[1], 3, device=txt_ids.device, dtype=txt_ids.dtype)
+        timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
+        out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
+                    pooled_projections=stacked("pooled_projections"), encoder_hidden_states=encoder,
+                    txt_ids=txt_ids, img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs or {},
+                    return_dict=False)[0]
+        return unpack_latents(out, height, width)
+
+
+class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
+    """Flux text-to-image with any guidance method of the engine.
+
+    Two scales, as in the stock pipeline: ``guidance_scale`` is the value embedded into a
+    guidance-distilled transformer (default 3.5, in every branch's conditioning), and
+    ``true_cfg_scale`` is the scale of guidance between branches. ``guidance=None`` is the stock
+    recipe: the conditional forward alone, or, with a negative prompt and ``true_cfg_scale > 1``,
+    true CFG ``neg + s (cond - neg)`` (cond and neg in separate forwards, as the stock pipeline).
+    With a method (``guidance="apg"``, a dict or an object), ``true_cfg_scale`` (when given) is its
+    ``scale``; its unconditional branch is the negative prompt, else the empty prompt."""
+
+    default_guidance_scale = 1.0  # the method's scale without true CFG: the conditional alone
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
+        max_sequence_length: int = 512,
+        guidance: GuidanceSpec = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        particle_output: str = "draw",
+        **kwargs: Any,
+    ) -> GuidedPipelineOutput | tuple:
+        """Generate images. Arguments are the stock Flux pipeline's (IP-Adapter excepted) plus
+        ``guidance``, ``sampler``, ``eta`` and ``particle_output`` as in
+        :meth:`GuidedStableDiffusionPipeline.__call__`. ``latents`` are packed, as the stock
+        pipeline takes and returns them: (B, H/2 * W/2, C * 4) at latent size H x W.
+        ``reference_unet`` (keyword): autoguidance's reference network, a weaker Flux transformer
+        taking the same conditioning."""
+        reference = kwargs.pop("reference_unet", None)
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise ValueError(f"GuidedFluxPipeline: unsupported argument(s) {unsupported} "
+                             "(IP-Adapter is not supported here)")
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        particle_output = self.check_particle_output(particle_output)
+        has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
+                                                       and negative_pooled_prompt_embeds is not None)
+        if guidance is None:  # the stock recipe: true CFG only with a negative prompt and a scale > 1
+            true_cfg = true_cfg_scale is not None and true_cfg_scale > 1 and has_negative
+            guide = self.resolve_guidance(None, true_cfg_scale if true_cfg else 1.0)
+        else:
+            guide = self.resolve_guidance(guidance, true_cfg_scale)
+        guide = self.for_prompts(guide, negative_prompt, negative_prompt_embeds)
+        FluxBranches.check_method(guide)
+        batch_size = self.prompt_batch_size(prompt, prompt_embeds)
+        rows = batch_size * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0
+        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        channels = self.transformer.config.in_channels // 4
+        packed = (rows, (latent_h // 2) * (latent_w // 2), channels * 4)
+        self.check_call(guide, shape=packed, num_images_per_prompt=num_images_per_prompt,
+                        num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
+                        generator=generator, latents=latents, output_type=output_type)
+        own_negative = conditions.negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size)
+        if own_negative is not None:  # the negative prompt gets a branch of its own; "uncond" stays empty
+            own_negative = (own_negative[0], negative_prompt_2, own_negative[1], negative_pooled_prompt_embeds)
+            negative_prompt = negative_prompt_2 = negative_prompt_embeds = negative_pooled_prompt_embeds = None
+        negative = self.negative_prompts(negative_prompt, negative_prompt_embeds, batch_size)
+        cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
+        device = self._execution_device
+        lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale)
+        negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
+            prompt=negative, prompt_2=negative_prompt_2 if negative_prompt_embeds is None else None,
+            prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale)
+        if negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+            raise ValueError(f"negative_prompt_embeds: expected {prompt_embeds.shape[0]} rows (one per image), "
+                             f"got {negative_prompt_embeds.shape[0]}")
+
+        cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
+        uncond = {"encoder_hidden_states": negative_prompt_embeds, "pooled_projections": negative_pooled_prompt_embeds}
+        own = None
+        if own_negative is not None:
+            texts, texts_2, embeds, pooled = own_negative
+            embeds, pooled, _ = self.encode_prompt(
+                prompt=texts, prompt_2=texts_2, prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale)
+            own = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if self.transformer.config.guidance_embeds:  # the stock value, the same in every branch
+            for condition in (cond, uncond, own):
+                if condition is not None:
+                    condition["guidance"] = torch.full((rows,), guidance_scale, device=device, dtype=torch.float32)
+        img_ids = self._prepare_latent_image_ids(rows, latent_h // 2, latent_w // 2, device, prompt_embeds.dtype)
+        branches = FluxBranches(self.transformer, {"cond": cond, "uncond": uncond}, img_ids=img_ids,
+                                txt_ids=text_ids, joint_attention_kwargs=joint_attention_kwargs,
+                                networks={"reference": self.reference_network(guide, reference)})
+        if own is not None:
+            conditions.add_negative_branch(branches, own)
+
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if getattr(self.scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        config = self.scheduler.config
+        mu = calculate_shift(packed[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        if latents is not None:
+            latents = unpack_latents(latents, latent_h, latent_w)
+        if callback_on_step_end is not None:
+            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+                callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+            callback_on_step_end = self.packed_callback(callback_on_step_end, latent_h, latent_w)
+        latents, nfe_per_image, state = self.denoise(
+            branches, guide, (rows, channels, latent_h, latent_w), dtype=prompt_embeds.dtype, device=device,
+            generator=generator, latents=latents, particle_output=particle_output, sampler=sampler,
+            num_inference_steps=num_inference_steps, timesteps=None, sigmas=sigmas, eta=eta,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")},
+            set_timesteps_kwargs={"mu": mu})
+        if output_type == "latent":
+            image = pack_latents(latents)
+        else:
+            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            image = self.vae.decode(latents.to(self.vae.device), return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
+
+    @staticmethod
+    def negative_prompts(negative_prompt, negative_prompt_embeds, batch_size: int):
+        """The unconditional branch's prompts: the negative prompt (a string repeated for every
+        prompt), else the empty prompt; None when its embeddings are given. Checked before any
+        model call."""
+        if negative_prompt_embeds is not None:
+            return None
+        if negative_prompt is None:
+            return [""] * batch_size
+        texts = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(texts, list) or len(texts) != batch_size or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"negative_prompt: expected a string or a list of {batch_size} strings (one per "
+                             f"prompt), got {negative_prompt!r}")
+        return texts
+
+    @staticmethod
+    def packed_callback(callback, height: int, width: int):
+        """``callback_on_step_end`` seeing and returning packed latents, as with the stock pipeline
+        (the core keeps them unpacked)."""
+        def packed(pipe, index, timestep, tensors):
+            if "latents" in tensors:
+                tensors = {**tensors, "latents": pack_latents(tensors["latents"])}
+            outputs = callback(pipe, index, timestep, tensors) or {}
+            if outputs.get("latents") is not None:
+                outputs = {**outputs, "latents": unpack_latents(outputs["latents"], height, width)}
+            return outputs
+        return packed
