@@ -218,7 +218,10 @@ class NetworkBranches:
             elif branch.perturb is not None:
                 skip = branch.perturb.kind == "skip"
                 for _, module in self.layers(model, branch.perturb):
-                    install_block(module) if skip else install_processor(module)
+                    if skip:
+                        install_block(module)
+                    else:
+                        install_processor(module)
                     (plan.blocks if skip else plan.attention).setdefault(module, []).append(
                         (start, end, branch.perturb))
             if branch.probe is None and branch.time_noise > 0:
