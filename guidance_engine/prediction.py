@@ -30,16 +30,19 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class Prediction:
-    """A network output ``output`` of type ``kind`` at noise level (alpha, sigma) on input ``x``.
+    """A network output ``output`` of type ``kind`` at noise level (alpha_t, sigma_t) on input ``x``.
 
-    ``alpha`` and ``sigma`` are float64 scalars or per-sample vectors. ``x0`` and ``eps`` are
-    computed once, in float32 (float64 if the input is), whatever dtype the network ran in.
+    ``alpha_t`` and ``sigma_t`` are the coefficients of ``x = alpha_t x0 + sigma_t eps`` (float64
+    scalars or per-sample vectors), not k-diffusion's ``sigma = sigma_t / alpha_t`` that
+    :class:`~guidance_engine.guidance.StepInfo` and the methods' ``sigma_min`` / ``sigma_max``
+    use. ``x0`` and ``eps`` are computed once, in float32 (float64 if the input is), whatever
+    dtype the network ran in.
     """
 
     output: torch.Tensor
     x: torch.Tensor
-    alpha: torch.Tensor
-    sigma: torch.Tensor
+    alpha_t: torch.Tensor
+    sigma_t: torch.Tensor
     kind: PredictionType
 
     def __post_init__(self) -> None:
@@ -53,8 +56,8 @@ class Prediction:
         work = torch.promote_types(self.output.dtype, torch.float32)
         out = self.output.to(work)
         x = self.x.to(work)
-        a = per_sample(self.alpha, out).to(work)
-        s = per_sample(self.sigma, out).to(work)
+        a = per_sample(self.alpha_t, out).to(work)
+        s = per_sample(self.sigma_t, out).to(work)
         return out, x, a, s
 
     @cached_property
@@ -95,7 +98,7 @@ class Prediction:
             out = eps - x0
         else:
             out = x0
-        made = cls(out.to(like.output.dtype), like.x, like.alpha, like.sigma, like.kind)
+        made = cls(out.to(like.output.dtype), like.x, like.alpha_t, like.sigma_t, like.kind)
         # Keep the exact float32 values rather than recomputing them from a cast output.
         made.__dict__["x0"] = x0
         made.__dict__["eps"] = eps
@@ -112,14 +115,14 @@ class Prediction:
             raise ValueError("lerp needs two predictions of the same kind on the same input")
         w = weight if isinstance(weight, (int, float)) else per_sample(weight, self.output).to(self.output.dtype)
         out = self.output + w * (other.output - self.output)
-        return Prediction(out, self.x, self.alpha, self.sigma, self.kind)
+        return Prediction(out, self.x, self.alpha_t, self.sigma_t, self.kind)
 
     def with_output(self, output: torch.Tensor) -> Prediction:
         """The same input and level with another raw output."""
-        return Prediction(output, self.x, self.alpha, self.sigma, self.kind)
+        return Prediction(output, self.x, self.alpha_t, self.sigma_t, self.kind)
 
     def rows(self, index: torch.Tensor | slice) -> Prediction:
         """The prediction restricted to the samples ``index``."""
         def pick(v: torch.Tensor) -> torch.Tensor:
             return v if v.ndim == 0 else v[index]
-        return Prediction(self.output[index], self.x[index], pick(self.alpha), pick(self.sigma), self.kind)
+        return Prediction(self.output[index], self.x[index], pick(self.alpha_t), pick(self.sigma_t), self.kind)

@@ -85,8 +85,8 @@ def invert(model: BranchModel, clean: torch.Tensor, guidance: Guidance, *, sched
     z = clean
     bar_options = dict(progress) if isinstance(progress, Mapping) else {"disable": not progress}
     for i in tqdm(reversed(range(n)), total=n, desc="inversion", **bar_options):
-        a_hi, s_hi = float(schedule.alphas[i]), float(schedule.sigmas[i])
-        a_lo, s_lo = float(schedule.alphas_next[i]), float(schedule.sigmas_next[i])
+        a_hi, s_hi = float(schedule.alpha_t[i]), float(schedule.sigma_t[i])
+        a_lo, s_lo = float(schedule.alpha_t_next[i]), float(schedule.sigma_t_next[i])
         t = schedule.timesteps[i]
         step = StepInfo(index=i, num_steps=n, sigma=schedule.ratio(i), sigma_next=schedule.ratio_next(i),
                         timestep=float(t))

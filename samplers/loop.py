@@ -363,7 +363,7 @@ class _SolverRun:
         """``clean`` latents at the level of step ``index`` (the clean latents at ``index == n``)."""
         if index >= self.num_steps:
             return clean
-        a, s = float(self.schedule.alphas[index]), float(self.schedule.sigmas[index])
+        a, s = float(self.schedule.alpha_t[index]), float(self.schedule.sigma_t[index])
         return (a * clean.double() + s * noise.double()).to(clean.dtype)
 
     def ratio(self, i: int) -> float:
@@ -373,7 +373,7 @@ class _SolverRun:
         return self.schedule.ratio_next(i)
 
     def model_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, float, float]:
-        return x, float(self.schedule.alphas[i]), float(self.schedule.sigmas[i])
+        return x, float(self.schedule.alpha_t[i]), float(self.schedule.sigma_t[i])
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep the multistep history of the rows ``keep`` (after particle resampling)."""
@@ -382,8 +382,8 @@ class _SolverRun:
 
     def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int) -> torch.Tensor:
         sch = self.schedule
-        a, s = float(sch.alphas[i]), float(sch.sigmas[i])
-        a_next, s_next = float(sch.alphas_next[i]), float(sch.sigmas_next[i])
+        a, s = float(sch.alpha_t[i]), float(sch.sigma_t[i])
+        a_next, s_next = float(sch.alpha_t_next[i]), float(sch.sigma_t_next[i])
         x0, eps = guided.denoise.x0, guided.renoise.eps
         if self.spec.update == "dpmpp_2m":
             x_next, self.history = dpmpp_2m_step(x0, eps, a, s, a_next, s_next, self.history,

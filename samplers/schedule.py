@@ -18,18 +18,20 @@ from diffusers.utils import logging as diffusers_logging
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """Levels of a run of ``num_steps`` steps. Step i moves from (alphas[i], sigmas[i]) to
-    (alphas_next[i], sigmas_next[i]) and feeds ``timesteps[i]`` to the network.
+    """Levels of a run of ``num_steps`` steps. Step i moves from (alpha_t[i], sigma_t[i]) to
+    (alpha_t_next[i], sigma_t_next[i]), the coefficients of ``x = alpha_t x0 + sigma_t eps``, and
+    feeds ``timesteps[i]`` to the network; :meth:`ratio` is k-diffusion's sigma = sigma_t / alpha_t
+    (what :class:`~guidance_engine.guidance.StepInfo` calls ``sigma``).
 
     ``init_scale`` is the std of the initial state per unit of noise: the stock pipeline's
     ``init_noise_sigma`` times the scheduler's input scaling at the first step.
     """
 
     timesteps: torch.Tensor
-    alphas: torch.Tensor
-    sigmas: torch.Tensor
-    alphas_next: torch.Tensor
-    sigmas_next: torch.Tensor
+    alpha_t: torch.Tensor
+    sigma_t: torch.Tensor
+    alpha_t_next: torch.Tensor
+    sigma_t_next: torch.Tensor
     init_scale: float
     flow: bool
 
@@ -39,10 +41,10 @@ class NoiseSchedule:
 
     def ratio(self, i: int) -> float:
         """k-diffusion sigma (sigma / alpha) at step i; inf at the pure-noise end of a flow."""
-        return _ratio(float(self.alphas[i]), float(self.sigmas[i]))
+        return _ratio(float(self.alpha_t[i]), float(self.sigma_t[i]))
 
     def ratio_next(self, i: int) -> float:
-        return _ratio(float(self.alphas_next[i]), float(self.sigmas_next[i]))
+        return _ratio(float(self.alpha_t_next[i]), float(self.sigma_t_next[i]))
 
 
 def _ratio(alpha: float, sigma: float) -> float:
@@ -119,7 +121,7 @@ def schedule_from_scheduler(scheduler, num_steps: int, device: torch.device | st
     f64 = dict(dtype=torch.float64)
     return NoiseSchedule(
         timesteps=ts,
-        alphas=torch.tensor([a for a, _ in cur], **f64), sigmas=torch.tensor([s for _, s in cur], **f64),
-        alphas_next=torch.tensor([a for a, _ in nxt], **f64), sigmas_next=torch.tensor([s for _, s in nxt], **f64),
+        alpha_t=torch.tensor([a for a, _ in cur], **f64), sigma_t=torch.tensor([s for _, s in cur], **f64),
+        alpha_t_next=torch.tensor([a for a, _ in nxt], **f64), sigma_t_next=torch.tensor([s for _, s in nxt], **f64),
         init_scale=init_scale, flow=is_flow_scheduler(sched),
     )

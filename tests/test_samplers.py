@@ -52,7 +52,7 @@ def test_flow_cfgpp_equals_cfg_with_flow_weight() -> None:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     lam = 0.5
     levels = schedule_from_scheduler(scheduler, 6)
-    s, s_next = levels.sigmas.tolist(), levels.sigmas_next.tolist()
+    s, s_next = levels.sigma_t.tolist(), levels.sigma_t_next.tolist()
     weights = tuple(lam * s[i] * (1 - s_next[i]) / (s[i] - s_next[i]) for i in range(6))
     cfgpp = _run(CFGPlusPlus(scale=lam), scheduler, "euler", kind="flow", steps=6)
     cfg = _run(PerStepCFG(scale=2.0, weights=weights), scheduler, "euler", kind="flow", steps=6)

@@ -69,7 +69,7 @@ def degraded_input(source: Prediction, mass: torch.Tensor, grid: tuple[int, int]
     mask = (mass > threshold).to(x0.dtype).reshape(mass.shape[0], 1, *grid)
     mask = F.interpolate(mask, size=x0.shape[-2:]).expand_as(x0)
     x0_hat = blur_2d(x0, kernel_size, sigma) * mask + x0 * (1 - mask)
-    a, s = per_sample(source.alpha, x0).to(x0.dtype), per_sample(source.sigma, x0).to(x0.dtype)
+    a, s = per_sample(source.alpha_t, x0).to(x0.dtype), per_sample(source.sigma_t, x0).to(x0.dtype)
     return (a * x0_hat + s * eps).to(source.x.dtype)
 
 
@@ -129,9 +129,9 @@ class SAG(PerturbedGuidance):
             return GuidedPrediction.single(guided)
         probe, source = probe_branch.probe, preds[self.source_branch]
         x_hat = degraded_input(source, probe.mass, probe.grid, self.threshold, self.kernel_size, self.blur_sigma)
-        degraded = Prediction(probe.evaluate(x_hat), x_hat, source.alpha, source.sigma, source.kind)
+        degraded = Prediction(probe.evaluate(x_hat), x_hat, source.alpha_t, source.sigma_t, source.kind)
         if source.kind == "epsilon":  # raw eps, as diffusers
             return GuidedPrediction.single(guided.with_output(guided.output + w * (source.output - degraded.output)))
         eps = guided.eps + w * (source.eps - degraded.eps)
-        a, s = per_sample(guided.alpha, eps).to(eps.dtype), per_sample(guided.sigma, eps).to(eps.dtype)
+        a, s = per_sample(guided.alpha_t, eps).to(eps.dtype), per_sample(guided.sigma_t, eps).to(eps.dtype)
         return GuidedPrediction.single(Prediction.from_x0((guided.x.to(eps.dtype) - s * eps) / a, guided))
