@@ -369,6 +369,16 @@ class GuidedPipelineMixin:
             raise ValueError(f"prompt: must be a string or a non-empty list of strings, got {prompt!r}")
         return len(prompt)
 
+    def check_prompted_call(self, guide: Guidance, prompt, prompt_embeds, latent_shape: tuple[int, ...], *,
+                            num_images_per_prompt: int, **run: Any) -> tuple[int, tuple[int, ...]]:
+        """(prompts, output latents' shape) of a text-to-image call, after :meth:`check_call`:
+        ``latent_shape`` is one image's (C, H, W); the rows are prompts x images per prompt."""
+        batch_size = self.prompt_batch_size(prompt, prompt_embeds)
+        rows = batch_size * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0
+        shape = (rows, *latent_shape)
+        self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt, **run)
+        return batch_size, shape
+
     def check_call(self, guide: Guidance, *, shape: tuple[int, ...], num_images_per_prompt: int = 1,
                    num_inference_steps: int, timesteps=None, sigmas=None, sampler: str | None, eta: float | None,
                    generator, latents: torch.Tensor | None, output_type: str,

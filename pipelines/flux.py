@@ -210,15 +210,14 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
             guide = self.resolve_guidance(guidance, true_cfg_scale)
         guide = self.for_prompts(guide, negative_prompt, negative_prompt_embeds)
         FluxBranches.check_method(guide)
-        batch_size = self.prompt_batch_size(prompt, prompt_embeds)
-        rows = batch_size * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0
         latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
         latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
         channels = self.transformer.config.in_channels // 4
-        packed = (rows, (latent_h // 2) * (latent_w // 2), channels * 4)
-        self.check_call(guide, shape=packed, num_images_per_prompt=num_images_per_prompt,
-                        num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
-                        generator=generator, latents=latents, output_type=output_type)
+        batch_size, packed = self.check_prompted_call(  # latents are checked packed, as the stock call takes them
+            guide, prompt, prompt_embeds, ((latent_h // 2) * (latent_w // 2), channels * 4),
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps, sigmas=sigmas,
+            sampler=sampler, eta=eta, generator=generator, latents=latents, output_type=output_type)
+        rows = packed[0]
         own_negative = conditions.negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size)
         if own_negative is not None:  # the negative prompt gets a branch of its own; "uncond" stays empty
             own_negative = (own_negative[0], negative_prompt_2, own_negative[1], negative_pooled_prompt_embeds)

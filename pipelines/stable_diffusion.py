@@ -118,13 +118,12 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         particle_output = self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
                                  negative_prompt, negative_prompt_embeds)
-        batch_size = self.prompt_batch_size(prompt, prompt_embeds)
         channels = self.unet.config.in_channels if start is None else self.vae.config.latent_channels
-        shape = (batch_size * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0, channels,
-                 height // self.vae_scale_factor, width // self.vae_scale_factor)
-        self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt,
-                        num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, sampler=sampler,
-                        eta=eta, generator=generator, latents=latents, output_type=output_type, start=start)
+        batch_size, shape = self.check_prompted_call(
+            guide, prompt, prompt_embeds, (channels, height // self.vae_scale_factor, width // self.vae_scale_factor),
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps, timesteps=timesteps,
+            sigmas=sigmas, sampler=sampler, eta=eta, generator=generator, latents=latents, output_type=output_type,
+            start=start)
         cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
         negative_branch = conditions.negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size)

@@ -116,12 +116,11 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                           max_sequence_length=max_sequence_length)
         particle_output = self.check_particle_output(particle_output)
         guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale), negative_prompt, negative_prompt_embeds)
-        batch_size = self.prompt_batch_size(prompt, prompt_embeds)
-        shape = (batch_size * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0,
-                 self.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        self.check_call(guide, shape=shape, num_images_per_prompt=num_images_per_prompt,
-                        num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
-                        generator=generator, latents=latents, output_type=output_type)
+        batch_size, shape = self.check_prompted_call(
+            guide, prompt, prompt_embeds, (self.transformer.config.in_channels, height // self.vae_scale_factor,
+                                           width // self.vae_scale_factor),
+            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps, sigmas=sigmas,
+            sampler=sampler, eta=eta, generator=generator, latents=latents, output_type=output_type)
         cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
         lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None

@@ -34,7 +34,7 @@ from guidance_engine.guidance import Guidance, StepInfo
 from guidance_engine.prediction import PREDICTION_TYPES
 
 from .loop import BranchModel, NonFiniteLatentsError, evaluate_branches
-from .schedule import fresh_scheduler, is_flow_scheduler, schedule_from_scheduler
+from .schedule import check_num_steps, fresh_scheduler, is_flow_scheduler, schedule_from_scheduler
 
 
 @dataclass
@@ -49,12 +49,7 @@ class InversionResult:
 
 def check_inversion(guidance: Guidance, scheduler, num_steps: int, prediction_type: str = "epsilon") -> None:
     """The checks of an inversion that need no tensor (a pipeline makes them before encoding)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
-    train_steps = scheduler.config.get("num_train_timesteps")
-    if not is_flow_scheduler(scheduler) and train_steps and num_steps > train_steps:
-        raise ValueError(f"num_inference_steps: must be in [1, {train_steps}] (the scheduler's training steps), "
-                         f"got {num_steps}")
+    check_num_steps(num_steps, scheduler)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if guidance.requires_stochastic_sampler or guidance.group_size() > 1:

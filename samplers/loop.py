@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from guidance_engine.guidance import Guidance, GuidedPrediction, StepInfo
 from guidance_engine.prediction import PREDICTION_TYPES, Prediction
 
-from .schedule import (NoiseSchedule, fresh_scheduler, is_flow_scheduler, levels_at,
+from .schedule import (NoiseSchedule, check_num_steps, fresh_scheduler, is_flow_scheduler, levels_at,
                        schedule_from_scheduler)
 from .steps import dpmpp_2m_step, first_order_step
 
@@ -179,12 +179,7 @@ def check_run(guidance: Guidance, scheduler, *, num_steps: int, timesteps: Seque
     ``image_strength``: the strength of a run that will start from a noised image rather than pure
     noise (img2img; inpainting below strength 1), or ``image`` itself when it is known."""
     if timesteps is None and sigmas is None:
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
-        train_steps = scheduler.config.get("num_train_timesteps")
-        if not is_flow_scheduler(scheduler) and train_steps and num_steps > train_steps:
-            raise ValueError(f"num_inference_steps: must be in [1, {train_steps}] (the scheduler's training "
-                             f"steps), got {num_steps}")
+        check_num_steps(num_steps, scheduler)
     for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
         if values is not None and len(values) == 0:
             raise ValueError(f"{name}: must be a non-empty list, got {values!r}")

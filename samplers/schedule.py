@@ -125,3 +125,14 @@ def schedule_from_scheduler(scheduler, num_steps: int, device: torch.device | st
         alpha_t_next=torch.tensor([a for a, _ in nxt], **f64), sigma_t_next=torch.tensor([s for _, s in nxt], **f64),
         init_scale=init_scale, flow=is_flow_scheduler(sched),
     )
+
+
+def check_num_steps(num_steps: int, scheduler) -> None:
+    """``num_steps`` an integer >= 1 and, on a discrete-time scheduler, at most its training steps
+    (a flow schedule has no such bound). ValueError naming ``num_inference_steps`` otherwise."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_inference_steps: must be an integer >= 1, got {num_steps!r}")
+    train_steps = scheduler.config.get("num_train_timesteps")
+    if not is_flow_scheduler(scheduler) and train_steps and num_steps > train_steps:
+        raise ValueError(f"num_inference_steps: must be in [1, {train_steps}] (the scheduler's training steps), "
+                         f"got {num_steps}")

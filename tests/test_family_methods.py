@@ -97,14 +97,19 @@ def outcome(family: str, name: str, pipe, network: str, inputs: dict[str, Any]) 
     return f"runs ({out.nfe:g} NFE for {STEPS} steps)"
 
 
-@pytest.fixture(scope="module")
-def pipes():
+def build_all() -> dict[str, tuple[Any, str, dict[str, Any]]]:
+    """Every family's tiny pipeline (quiet), its main network's attribute and its call inputs."""
     built = {}
     for family, build in FAMILIES.items():
         pipe, network, inputs = build()
         pipe.set_progress_bar_config(disable=True)
         built[family] = (pipe, network, inputs)
     return built
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return build_all()
 
 
 def table(results: dict[tuple[str, str], str]) -> str:
@@ -146,10 +151,4 @@ def test_every_method_runs_or_is_refused_before_the_network_on_every_family(pipe
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    built = {}
-    for family, build in FAMILIES.items():
-        pipe, network, inputs = build()
-        pipe.set_progress_bar_config(disable=True)
-        built[family] = (pipe, network, inputs)
-    sys.stdout.write(INTRO + table(all_outcomes(built)) + "\n")
+    sys.stdout.write(INTRO + table(all_outcomes(build_all())) + "\n")

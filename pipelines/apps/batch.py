@@ -31,7 +31,7 @@ from guidance_engine.samplers import SAMPLER_NAMES
 
 from . import cli_common
 from .cli_checks import (SEED_MAX, check_device, check_eta, check_int, check_model_directory, check_run_settings,
-                         check_size, check_steps, check_writable_directory)
+                         check_size, check_steps, check_writable_directory, model_scheduler)
 from ..messages import PromptTruncatedWarning
 from ..models import check_class_label, checkpoint_classes, is_class_conditional, refuse_text_options
 
@@ -356,13 +356,13 @@ def run_batch(prompts: str | os.PathLike, out: str | os.PathLike, *, method: str
     check_model_directory(None if model is None else str(model))
     check_steps(steps, None if model is None else str(model))
     command_guidance = resolve_guidance(method, **params)  # the command's own method, named as such
-    check_run_settings(command_guidance, None if model is None else str(model), steps=steps, sampler=sampler,
-                       eta=eta)
+    scheduler = model_scheduler(None if model is None else str(model))  # read once for every line
+    check_run_settings(command_guidance, None, steps=steps, sampler=sampler, eta=eta, scheduler=scheduler)
     specs = read_prompts(prompts, method, params, negative_prompt)
     for spec in specs:  # each line's own method, against the same scheduler
         try:
-            check_run_settings(resolve_guidance(spec.guidance), None if model is None else str(model), steps=steps,
-                               sampler=sampler, eta=eta)
+            check_run_settings(resolve_guidance(spec.guidance), None, steps=steps, sampler=sampler, eta=eta,
+                               scheduler=scheduler)
         except ValueError as error:
             raise ValueError(f"prompts: {prompts}:{spec.line}: {error}") from None
     if is_class_conditional(model):  # prompts are class names or ids: text-only options are refused
@@ -429,8 +429,9 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
             warnings.simplefilter("ignore", PromptTruncatedWarning)
             return pipe.truncated_prompts(prompt=spec.prompt, negative_prompt=spec.negative_prompt)
 
+    cut = {unit.spec.index: truncated(unit.spec) for unit in units}  # tokenized once per line
     for unit in units:
-        for message in truncated(unit.spec):
+        for message in cut[unit.spec.index]:
             print(f"guidance-engine: warning: prompts line {unit.spec.line}: {message}", file=sys.stderr)
     try:
         for batch in _batches(units, batch_size):
@@ -460,7 +461,7 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
                     entry = {"file": name, "prompt_index": unit.spec.index, "image_index": i,
                              **_settings(unit, j, common), "guidance": result.guidance, "nfe": int(nfe),
                              "seconds": round(seconds, 4), "process_index": state.process_index,
-                             "warnings": truncated(unit.spec)}
+                             "warnings": cut[unit.spec.index]}
                     if unit.coupled:  # rebuilding needs the whole group
                         entry["group_images"] = unit.images
                         entry["group_seeds"] = unit.seeds

@@ -187,14 +187,15 @@ def model_scheduler(model: str | None):
 
 
 def check_run_settings(guidance, model: str | None, *, steps: int, sampler: str | None, eta: float | None,
-                       image_strength: float | None = None, inversion: bool = False) -> None:
+                       image_strength: float | None = None, inversion: bool = False, scheduler=None) -> None:
     """The run's settings against the model's scheduler, as the pipeline will check them after
     loading (steps, sampler, a method's need of a stochastic sampler or a pure-noise start; an
-    inversion's method), here before it loads; messages name the command-line option."""
+    inversion's method), here before it loads; messages name the command-line option.
+    ``scheduler``: the model's, when the caller built it already (:func:`model_scheduler`)."""
     from guidance_engine.samplers.inversion import check_inversion
     from guidance_engine.samplers.loop import check_run
 
-    scheduler = model_scheduler(model)
+    scheduler = scheduler if scheduler is not None else model_scheduler(model)
     if scheduler is None:
         return
     try:
