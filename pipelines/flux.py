@@ -10,7 +10,7 @@ arithmetic is unchanged)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,42 +19,22 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
+from .flow_transformer import (TransformerBranches, negative_prompt_texts, pack_latents, packed_callback,
+                               unpack_latents)
 
 __all__ = ["FluxBranches", "GuidedFluxPipeline", "pack_latents", "unpack_latents"]
 
-#: The branch the stock pipeline evaluates first (its conditional forward).
-_FIRST = "cond"
 
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) latents as Flux's tokens (B, H/2 * W/2, C * 4): the stock ``_pack_latents``."""
-    b, c, h, w = latents.shape
-    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Flux's tokens back to (B, C, height, width) latents (latent size): the stock ``_unpack_latents``."""
-    b, _, channels = tokens.shape
-    tokens = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return tokens.reshape(b, channels // 4, height, width)
-
-
-class FluxBranches(NetworkBranches):
+class FluxBranches(TransformerBranches):
     """The branch model over a Flux transformer. ``conditions[b]`` holds branch ``b``'s T5
     embeddings (``encoder_hidden_states``), CLIP's pooled projection (``pooled_projections``) and,
     for a guidance-distilled model, the embedded guidance value per row (``guidance``); the image
     token positions ``img_ids`` are shared, the text positions ``txt_ids`` (zeros, one row per
-    text token) follow each branch's embeddings.
+    text token) follow each branch's embeddings. Branches run in separate forwards, the
+    conditional first, as the stock pipeline runs its true CFG (:class:`TransformerBranches`)."""
 
-    ``separate_forwards``: each branch in a forward of its own, the conditional first, as the
-    stock pipeline runs its true CFG (a batched forward differs from single ones by float
-    rounding, ~1e-7 on CPU); False batches the branches into one forward as the other families.
-    Perturbed attention, skipped blocks, time-embedding noise and attention probes are not
-    available on Flux blocks (refused before any model call)."""
-
-    separate_forwards: bool = True
+    family = "GuidedFluxPipeline"
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
                  txt_ids: torch.Tensor, joint_attention_kwargs: dict[str, Any] | None = None,
@@ -62,61 +42,6 @@ class FluxBranches(NetworkBranches):
         super().__init__(model, conditions, joint_attention_kwargs, providers=providers, networks=networks)
         self.img_ids = img_ids
         self.txt_ids = txt_ids
-
-    @staticmethod
-    def refusal(branch, owner: str = "guidance") -> str | None:
-        """Why this branch's alteration cannot be made on a Flux transformer (None: it can)."""
-        if branch.time_noise > 0:
-            return (f"guidance: method {owner!r} perturbs the time-step embedding, which GuidedFluxPipeline does "
-                    "not support yet (Flux embeds time, guidance and the pooled text together)")
-        if branch.probe is not None:
-            return (f"guidance: method {owner!r} reads a plain self-attention map, which Flux transformers do not "
-                    "have (their joint attention mixes text and image tokens)")
-        if branch.perturb is not None:
-            return (f"guidance: method {owner!r} alters attention layers or skips blocks, which GuidedFluxPipeline "
-                    "does not support yet on Flux's double- and single-stream blocks")
-        return None
-
-    @classmethod
-    def check_method(cls, guide) -> None:
-        """ValueError naming the method if it alters the network in a way Flux cannot (before any
-        prompt is encoded)."""
-        for branch in guide.altered_branches():
-            message = cls.refusal(branch, guide.name)
-            if message is not None:
-                raise ValueError(message)
-
-    def check_alterations(self, branch, owner: str = "guidance") -> None:
-        message = self.refusal(branch, owner)
-        if message is not None:
-            raise ValueError(message)
-
-    def check_supports(self, guide) -> None:
-        self.check_method(guide)  # our reason first, before layer names are resolved
-        super().check_supports(guide)
-
-    def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor,
-                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = ()
-                  ) -> dict[str, torch.Tensor]:
-        if not self.separate_forwards or len(requests) < 2:
-            with self.cache_context(model, requests):
-                return super()._evaluate(model, x, timestep, requests, probes)
-        out: dict[str, torch.Tensor] = {}
-        for request in sorted(requests, key=lambda r: r[0] != _FIRST):  # stable: the stock order
-            with self.cache_context(model, [request]):
-                out.update(super()._evaluate(model, x, timestep, [request],
-                                             [p for p in probes if p.base == request[0]]))
-        return out
-
-    @staticmethod
-    def cache_context(model, requests: Sequence[tuple[str, Any]]):
-        """The transformer's cache context named after the branches (the stock "cond" / "uncond"),
-        so that a cache hook keeps the branches apart."""
-        import contextlib
-
-        if not hasattr(model, "cache_context"):
-            return contextlib.nullcontext()
-        return model.cache_context("+".join(str(name) for name, _ in requests))
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
@@ -222,7 +147,7 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         if own_negative is not None:  # the negative prompt gets a branch of its own; "uncond" stays empty
             own_negative = (own_negative[0], negative_prompt_2, own_negative[1], negative_pooled_prompt_embeds)
             negative_prompt = negative_prompt_2 = negative_prompt_embeds = negative_pooled_prompt_embeds = None
-        negative = self.negative_prompts(negative_prompt, negative_prompt_embeds, batch_size)
+        negative = negative_prompt_texts(negative_prompt, negative_prompt_embeds, batch_size)
         cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
         lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None
@@ -272,7 +197,7 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         if callback_on_step_end is not None:
             if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
                 callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-            callback_on_step_end = self.packed_callback(callback_on_step_end, latent_h, latent_w)
+            callback_on_step_end = packed_callback(callback_on_step_end, latent_h, latent_w)
         latents, nfe_per_image, state = self.denoise(
             branches, guide, (rows, channels, latent_h, latent_w), dtype=prompt_embeds.dtype, device=device,
             generator=generator, latents=latents, particle_output=particle_output, sampler=sampler,
@@ -291,31 +216,3 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         if not return_dict:
             return (image,)
         return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
-
-    @staticmethod
-    def negative_prompts(negative_prompt, negative_prompt_embeds, batch_size: int):
-        """The unconditional branch's prompts: the negative prompt (a string repeated for every
-        prompt), else the empty prompt; None when its embeddings are given. Checked before any
-        model call."""
-        if negative_prompt_embeds is not None:
-            return None
-        if negative_prompt is None:
-            return [""] * batch_size
-        texts = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-        if not isinstance(texts, list) or len(texts) != batch_size or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"negative_prompt: expected a string or a list of {batch_size} strings (one per "
-                             f"prompt), got {negative_prompt!r}")
-        return texts
-
-    @staticmethod
-    def packed_callback(callback, height: int, width: int):
-        """``callback_on_step_end`` seeing and returning packed latents, as with the stock pipeline
-        (the core keeps them unpacked)."""
-        def packed(pipe, index, timestep, tensors):
-            if "latents" in tensors:
-                tensors = {**tensors, "latents": pack_latents(tensors["latents"])}
-            outputs = callback(pipe, index, timestep, tensors) or {}
-            if outputs.get("latents") is not None:
-                outputs = {**outputs, "latents": unpack_latents(outputs["latents"], height, width)}
-            return outputs
-        return packed
