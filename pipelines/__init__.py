@@ -22,6 +22,7 @@ _EXPORTS = {
     "GuidedStableDiffusion3Pipeline": ".stable_diffusion_3",
     "GuidedDiTPipeline": ".dit",
     "GuidedFluxPipeline": ".flux",
+    "GuidedFluxImg2ImgPipeline": ".flux",
     "FluxBranches": ".flux",
     "default_model_path": ".models",
     "load_pipeline": ".models",

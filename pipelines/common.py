@@ -4,6 +4,7 @@ UNet, the callback adapter, and the call into the sampler core. Pipelines stay t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -446,8 +447,8 @@ class GuidedPipelineMixin:
                 mask = image.mask
                 if mask is not None and mask.shape[0] == shape[0]:
                     mask = mask.repeat_interleave(particles, dim=0)
-                image = StartImage(image.latents.repeat_interleave(particles, dim=0), image.strength, mask,
-                                   image.pure_noise_at_full_strength)
+                image = dataclasses.replace(image, latents=image.latents.repeat_interleave(particles, dim=0),
+                                            mask=mask)
             shape = (shape[0] * particles, *shape[1:])
         noise = self.initial_noise(shape, generator, device, dtype, latents)
         result = self._run_core(branches, noise, guide, generator=generator, image=image, **core_kwargs)

@@ -22,8 +22,9 @@ from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import (TransformerBranches, negative_prompt_texts, pack_latents, packed_callback,
                                unpack_latents)
+from .image_input import FlowImageInput, ImageInput, ImageLike, load_image
 
-__all__ = ["FluxBranches", "GuidedFluxPipeline", "pack_latents", "unpack_latents"]
+__all__ = ["FluxBranches", "GuidedFluxImg2ImgPipeline", "GuidedFluxPipeline", "pack_latents", "unpack_latents"]
 
 
 class FluxBranches(TransformerBranches):
@@ -112,11 +113,35 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         pipeline takes and returns them: (B, H/2 * W/2, C * 4) at latent size H x W.
         ``reference_unet`` (keyword): autoguidance's reference network, a weaker Flux transformer
         taking the same conditioning."""
+        return self._generate(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            true_cfg_scale=true_cfg_scale, height=height, width=width, num_inference_steps=num_inference_steps,
+            sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, output_type=output_type,
+            return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length, guidance=guidance, sampler=sampler, eta=eta,
+            particle_output=particle_output, start=None, **kwargs)
+
+    def _generate(self, *, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale: float | None,
+                  height: int | None, width: int | None, num_inference_steps: int, sigmas, guidance_scale: float,
+                  num_images_per_prompt: int, generator, latents: torch.Tensor | None, prompt_embeds,
+                  pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds, output_type: str,
+                  return_dict: bool, joint_attention_kwargs, callback_on_step_end,
+                  callback_on_step_end_tensor_inputs: list[str], max_sequence_length: int, guidance: GuidanceSpec,
+                  sampler: str | None, eta: float | None, particle_output: str, start: ImageInput | None,
+                  **kwargs: Any) -> GuidedPipelineOutput | tuple:
+        """The body of text-to-image and (with ``start``, the input image) image-to-image calls."""
         reference = kwargs.pop("reference_unet", None)
         unsupported = sorted(k for k, v in kwargs.items() if v is not None)
         if unsupported:
-            raise ValueError(f"GuidedFluxPipeline: unsupported argument(s) {unsupported} "
+            raise ValueError(f"{type(self).__name__}: unsupported argument(s) {unsupported} "
                              "(IP-Adapter is not supported here)")
+        if start is not None:
+            height, width = start.size(self, height, width)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
@@ -141,7 +166,7 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         batch_size, packed = self.check_prompted_call(  # latents are checked packed, as the stock call takes them
             guide, prompt, prompt_embeds, ((latent_h // 2) * (latent_w // 2), channels * 4),
             num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps, sigmas=sigmas,
-            sampler=sampler, eta=eta, generator=generator, latents=latents, output_type=output_type)
+            sampler=sampler, eta=eta, generator=generator, latents=latents, output_type=output_type, start=start)
         rows = packed[0]
         own_negative = conditions.negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size)
         if own_negative is not None:  # the negative prompt gets a branch of its own; "uncond" stays empty
@@ -205,7 +230,7 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")},
-            set_timesteps_kwargs={"mu": mu})
+            set_timesteps_kwargs={"mu": mu}, start=start)
         if output_type == "latent":
             image = pack_latents(latents)
         else:
@@ -216,3 +241,78 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         if not return_dict:
             return (image,)
         return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
+
+    def image_to_latents(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """Shifted, scaled latents of [-1, 1] images, as the stock Flux img2img pipeline encodes its input."""
+        config = self.vae.config
+        return (self.posterior_sample(pixels, generator) - config.shift_factor) * config.scaling_factor
+
+
+class GuidedFluxImg2ImgPipeline(GuidedFluxPipeline):
+    """Flux image-to-image with any guidance method of the engine: the input image is encoded
+    (the VAE posterior sampled with ``generator``), noise is drawn, and the core runs the steps
+    that the stock ``FluxImg2ImgPipeline`` runs at this ``strength`` (it skips the first
+    ``int(n - n * strength)``), from the image noised to the first of their levels, in the stock
+    order of draws, so its recipes reproduce the stock pipeline bit for bit. Components are those
+    of the text-to-image pipeline (``from_pipe`` from either stock pipeline shares them)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float | None = None,
+        image: ImageLike = None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 0.6,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock signature)
+        max_sequence_length: int = 512,
+        guidance: GuidanceSpec = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        particle_output: str = "draw",
+        **kwargs: Any,
+    ) -> GuidedPipelineOutput | tuple:
+        """Transform ``image`` towards ``prompt``. Arguments are the stock Flux img2img pipeline's
+        (IP-Adapter excepted) plus those of :meth:`GuidedFluxPipeline.__call__`.
+
+        Args:
+            image: the input image (PIL, numpy, a [-1, 1] tensor, latents with the VAE's channels, or
+                a path); the output has its size unless ``height`` / ``width`` are given (the image
+                is then resized to them, as the stock pipeline does; stock defaults to the model's
+                sample size instead).
+            strength: in (0, 1]: how much of the schedule is run, 1 = from pure noise; the first
+                ``int(n - n * strength)`` of the ``n`` steps are skipped (the stock rule).
+            latents: the packed start latents, already noised to the first step's level (the stock
+                meaning): the image is then neither encoded nor noised.
+        """
+        start = FlowImageInput(load_image(image), strength)
+        return self._generate(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            true_cfg_scale=true_cfg_scale, height=height, width=width, num_inference_steps=num_inference_steps,
+            sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, output_type=output_type,
+            return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length, guidance=guidance, sampler=sampler, eta=eta,
+            particle_output=particle_output, start=start, **kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -62,10 +62,19 @@ def image_size(image: ImageLike) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ImageInput:
-    """The input image of one img2img call and its ``strength`` (private to the call)."""
+    """The input image of one img2img call and its ``strength`` (private to the call), with the
+    stock SD / SDXL img2img rules: ``int(n * strength)`` steps run, given ``latents`` are the noise
+    to add, the posterior is sampled once per output image.
+
+    ``step_rule``: how ``strength`` becomes a step count
+    (:func:`guidance_engine.samplers.loop.start_index`). ``latents_are_start``: given ``latents``
+    are the noised start rather than the noise to add."""
 
     image: ImageLike
     strength: float
+
+    step_rule: ClassVar[str] = "run"
+    latents_are_start: ClassVar[bool] = False
 
     def size(self, pipe, height: int | None, width: int | None) -> tuple[int, int]:
         """Validate (before any model call) and return the output size: the image's own, or
@@ -117,9 +126,36 @@ class ImageInput:
                 generator, latents: torch.Tensor | None) -> tuple[StartImage, torch.Tensor | None]:
         """Encode the image, then draw the noise (the stock order). With particles the noise is
         left to the core (one draw per particle)."""
+        if self.latents_are_start and latents is not None:  # the stock pipeline neither encodes nor draws then
+            start = latents.to(device=device, dtype=dtype)
+            return StartImage(start, float(self.strength), step_rule=self.step_rule, noised=True), start
         pixels = self.pixels(pipe, shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor) \
             if not self.is_latents(pipe) else self.image
         clean = self.encode(pipe, pixels, shape[0], dtype, device, generator)
         if latents is None and particles == 1:
             latents = pipe.initial_noise(shape, generator, device, dtype, None)
-        return StartImage(clean, float(self.strength)), latents
+        return StartImage(clean, float(self.strength), step_rule=self.step_rule), latents
+
+
+@dataclass(frozen=True)
+class FlowImageInput(ImageInput):
+    """An img2img input image with the rules of the stock SD3 and Flux img2img pipelines: the first
+    ``int(n - n * strength)`` steps are skipped, given ``latents`` are the noised start (the image
+    is then neither encoded nor noised), and each given image's posterior is sampled once (with
+    ``generator[i]`` for image ``i`` when a list) and its latents repeated over the outputs."""
+
+    step_rule: ClassVar[str] = "skip"
+    latents_are_start: ClassVar[bool] = True
+
+    def encode(self, pipe, pixels: torch.Tensor, batch: int, dtype, device, generator) -> torch.Tensor:
+        pixels = pixels.to(device=device, dtype=dtype)
+        if pixels.shape[1] == pipe.vae.config.latent_channels:
+            latents = pixels
+        else:
+            if isinstance(generator, list):
+                generator = generator[:pixels.shape[0]]  # one per given image, as the stock encoder reads them
+            latents = pipe.image_to_latents(pixels, generator)
+        if batch % latents.shape[0]:
+            raise ValueError(f"image: {latents.shape[0]} images cannot be spread over {batch} outputs "
+                             "(give one image, or one per prompt)")
+        return torch.cat([latents] * (batch // latents.shape[0]))

@@ -146,7 +146,7 @@ class GuidedStableDiffusionInpaintPipeline(GuidedStableDiffusionPipeline):
         """
         if mask_image is None:
             raise ValueError("mask_image: inpainting needs a mask (white = repaint, black = keep)")
-        start = MaskedImageInput(load_image(image), strength, load_image(mask_image, "mask_image"))
+        start = MaskedImageInput(load_image(image), strength, mask_image=load_image(mask_image, "mask_image"))
         return self._generate(
             prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps,
             sigmas=sigmas, guidance_scale=guidance_scale, negative_prompt=negative_prompt,

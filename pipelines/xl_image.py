@@ -67,5 +67,5 @@ class GuidedStableDiffusionXLInpaintPipeline(_XLImageMixin, GuidedStableDiffusio
         self._check_refiner()
         if mask_image is None:
             raise ValueError("mask_image: inpainting needs a mask (white = repaint, black = keep)")
-        start = MaskedImageInput(load_image(image), strength, load_image(mask_image, "mask_image"))
+        start = MaskedImageInput(load_image(image), strength, mask_image=load_image(mask_image, "mask_image"))
         return GuidedStableDiffusionXLPipeline.__call__(self, prompt, start=start, **kwargs)

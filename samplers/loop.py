@@ -9,6 +9,7 @@ report to the callback. Solver history, guidance state and NFE counts die with t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -96,26 +97,43 @@ class StartImage:
     after the last step), as the stock 4-channel inpainting pipelines do.
     ``pure_noise_at_full_strength``: at strength 1 start from pure noise instead of the image
     noised to the first level (the stock inpainting pipelines' rule; img2img always noises).
+    ``step_rule``: how ``strength`` becomes a step count (:func:`start_index`): "run" (SD's) or
+    "skip" (SD3's and Flux's). ``noised``: ``latents`` already are the start at the first step's
+    level (the stock Flux img2img's ``latents=``); they are used as they are.
     """
 
     latents: torch.Tensor
     strength: float = 1.0
     mask: torch.Tensor | None = None
     pure_noise_at_full_strength: bool = False
+    step_rule: str = "run"
+    noised: bool = False
 
     def rows(self, keep: torch.Tensor) -> StartImage:
-        """The rows ``keep`` (after particle resampling)."""
+        """The rows ``keep`` (after particle resampling, or repeated for particles)."""
         mask = self.mask
         if mask is not None and mask.shape[0] > 1:
             mask = mask[keep]
-        return StartImage(self.latents[keep], self.strength, mask, self.pure_noise_at_full_strength)
+        return dataclasses.replace(self, latents=self.latents[keep], mask=mask)
 
 
-def start_index(num_steps: int, strength: float, order: int = 1) -> int:
-    """Index of the first step an img2img run of ``num_steps`` steps takes (diffusers' rule)."""
+#: How an img2img ``strength`` becomes a step count, by rule (see :func:`start_index`).
+STEP_RULES = ("run", "skip")
+
+
+def start_index(num_steps: int, strength: float, order: int = 1, rule: str = "run") -> int:
+    """Index of the first step an img2img run of ``num_steps`` steps takes, by diffusers' rules:
+    "run" (SD, SDXL): the last ``int(n * strength)`` steps run; "skip" (SD3, Flux): the first
+    ``int(n - n * strength)`` are skipped (the two differ where ``n * strength`` is not whole:
+    n = 3, strength 0.6 runs 1 step by "run", 2 by "skip")."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength: must be in (0, 1], got {strength!r}")
-    steps_run = min(int(num_steps * strength), num_steps)
+    if rule not in STEP_RULES:
+        raise ValueError(f"step_rule: must be one of {STEP_RULES}, got {rule!r}")
+    if rule == "run":
+        steps_run = min(int(num_steps * strength), num_steps)
+    else:
+        steps_run = num_steps - int(max(num_steps - min(num_steps * strength, num_steps), 0))
     if steps_run < 1:
         raise ValueError(f"strength: {strength} of {num_steps} steps runs no step; raise strength or "
                          f"num_inference_steps so that int(steps * strength) >= 1")
@@ -288,9 +306,11 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
         if image.latents.shape != noise.shape:
             raise ValueError(f"image: latents of shape {tuple(image.latents.shape)} do not match the noise "
                              f"{tuple(noise.shape)}")
-        first = start_index(n, image.strength, run.order)
+        first = start_index(n, image.strength, run.order, image.step_rule)
         run.begin_at(first)
-        if image.strength == 1.0 and image.pure_noise_at_full_strength:
+        if image.noised:
+            x = image.latents
+        elif image.strength == 1.0 and image.pure_noise_at_full_strength:
             x = noise * run.init_scale
         else:
             x = run.noised(image.latents, noise, first)

@@ -83,6 +83,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     if mask is not None and mask.size != image.size:
         raise ValueError(f"--mask: its size {mask.size[0]} x {mask.size[1]} must match the image's "
                          f"{image.size[0]} x {image.size[1]}")
+    _check_image_family(args.model, inpaint=mask is not None)
     pipe = cli_common.load_quietly(args.model, args.device, args.dtype)
     pipe = _image_pipeline(pipe, inpaint=mask is not None)
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
@@ -106,20 +107,34 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_pipeline(pipe, inpaint: bool):
+def _check_image_family(model, inpaint: bool, edit: bool = False) -> None:
+    """Refuse, before the model loads, a checkpoint whose family lacks this image command."""
+    from ..models import pipeline_class_for, resolve_model
+
+    path = Path(resolve_model(model))
+    if path.is_dir() and "Flux" in pipeline_class_for(path).__name__ and (inpaint or edit):
+        raise ValueError(f"--model: {'editing' if edit else 'inpainting'} needs a Stable Diffusion 1.x/2.x or SDXL "
+                         f"checkpoint here, got a Flux.1 one ({model})")
+
+
+def _image_pipeline(pipe, inpaint: bool, edit: bool = False):
     from ..img2img import GuidedStableDiffusionImg2ImgPipeline
     from ..inpaint import GuidedStableDiffusionInpaintPipeline
     from ..stable_diffusion import GuidedStableDiffusionPipeline
     from ..stable_diffusion_xl import GuidedStableDiffusionXLPipeline
     from ..xl_image import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLInpaintPipeline
 
-    if isinstance(pipe, GuidedStableDiffusionXLPipeline):
+    from ..flux import GuidedFluxImg2ImgPipeline, GuidedFluxPipeline
+
+    if isinstance(pipe, GuidedFluxPipeline) and not (inpaint or edit):
+        cls = GuidedFluxImg2ImgPipeline
+    elif isinstance(pipe, GuidedStableDiffusionXLPipeline):
         cls = GuidedStableDiffusionXLInpaintPipeline if inpaint else GuidedStableDiffusionXLImg2ImgPipeline
     elif isinstance(pipe, GuidedStableDiffusionPipeline):
         cls = GuidedStableDiffusionInpaintPipeline if inpaint else GuidedStableDiffusionImg2ImgPipeline
     else:
-        raise ValueError(f"--model: image-to-image, inpainting and editing need a Stable Diffusion 1.x/2.x or SDXL "
-                         f"checkpoint here, got a {type(pipe).__name__}")
+        raise ValueError(f"--model: inpainting and editing need a Stable Diffusion 1.x/2.x or SDXL checkpoint here, "
+                         f"image-to-image one of those or Flux.1; got a {type(pipe).__name__}")
     return cls.from_pipe(pipe)
 
 
@@ -129,7 +144,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     guidance = _guidance(args)
     _check_common(args, [Path(args.output)], guidance, inversion=True)
     image = load_image(args.image)
-    pipe = _image_pipeline(cli_common.load_quietly(args.model, args.device, args.dtype), inpaint=False)
+    _check_image_family(args.model, inpaint=False, edit=True)
+    pipe = _image_pipeline(cli_common.load_quietly(args.model, args.device, args.dtype), inpaint=False, edit=True)
     start = time.perf_counter()
     inverted = pipe.invert(image, args.source_prompt, guidance=guidance, num_inference_steps=args.steps)
     outputs = {}
