@@ -45,17 +45,24 @@ class TransformerBranches(NetworkBranches):
     family: str = "this pipeline"
     separate_forwards: bool = True
     first: str = "cond"
+    #: The perturbation kinds (``Perturbation.kind``) this family's blocks take; the others are refused.
+    perturbations: frozenset[str] = frozenset()
+    #: Whether noise on the time-step embedding (TSG) is supported (``time_embeddings`` names the module).
+    time_noise: bool = False
 
     @classmethod
     def refusal(cls, branch, owner: str = "guidance") -> str | None:
         """Why this branch's alteration cannot be made on this transformer (None: it can)."""
-        if branch.time_noise > 0:
+        if branch.time_noise > 0 and not cls.time_noise:
             return (f"guidance: method {owner!r} perturbs the time-step embedding, which {cls.family} does not "
                     "support yet (its transformer embeds time with the other global conditioning)")
         if branch.probe is not None:
             return (f"guidance: method {owner!r} reads a plain self-attention map, which {cls.family} transformers "
                     "do not have (their joint attention mixes text and image tokens)")
-        if branch.perturb is not None:
+        if branch.perturb is not None and branch.perturb.kind not in cls.perturbations:
+            if cls.perturbations:
+                return (f"guidance: method {owner!r} needs perturbation {branch.perturb.kind!r}, which {cls.family} "
+                        f"does not support yet (it supports {', '.join(sorted(cls.perturbations))})")
             return (f"guidance: method {owner!r} alters attention layers or skips blocks, which {cls.family} does "
                     "not support yet on its transformer blocks")
         return None

@@ -36,6 +36,10 @@ class FluxBranches(TransformerBranches):
     conditional first, as the stock pipeline runs its true CFG (:class:`TransformerBranches`)."""
 
     family = "GuidedFluxPipeline"
+    # PAG's identity attention (on double- and single-stream attention), skipped blocks (SLG) and
+    # TSG's noise on the time-step embedding; SEG's blurred queries and SAG's map are not available.
+    perturbations = frozenset({"identity", "skip"})
+    time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
                  txt_ids: torch.Tensor, joint_attention_kwargs: dict[str, Any] | None = None,
@@ -43,6 +47,11 @@ class FluxBranches(TransformerBranches):
         super().__init__(model, conditions, joint_attention_kwargs, providers=providers, networks=networks)
         self.img_ids = img_ids
         self.txt_ids = txt_ids
+
+    def time_embeddings(self, model) -> list[Any]:
+        """TSG's noise goes on the time-step MLP's output, before Flux adds the guidance and pooled
+        text embeddings to it."""
+        return [model.time_text_embed.timestep_embedder]
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
@@ -55,10 +64,11 @@ class FluxBranches(TransformerBranches):
         if txt_ids.shape[0] != encoder.shape[1]:
             txt_ids = torch.zeros(encoder.shape[1], 3, device=txt_ids.device, dtype=txt_ids.dtype)
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
-                    pooled_projections=stacked("pooled_projections"), encoder_hidden_states=encoder,
-                    txt_ids=txt_ids, img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs or {},
-                    return_dict=False)[0]
+        with self.altered(model, x_in, spans):
+            out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
+                        pooled_projections=stacked("pooled_projections"), encoder_hidden_states=encoder,
+                        txt_ids=txt_ids, img_ids=self.img_ids,
+                        joint_attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
         return unpack_latents(out, height, width)
 
 

@@ -13,7 +13,9 @@ Layer names (``Perturbation.layers``), resolved by :func:`resolve_layers` before
     UNets: "mid", "down", "up" (every self-attention layer of that part), "down.1" (down block 1),
     "up.0.attentions.1", or any prefix of a module path ("mid_block.attentions.0"); the family
     default is "mid" (diffusers' PAG pipelines use ``pag_applied_layers=["mid"]``).
-    Transformers (SD3): block indices 7, 8, 9 (the default, the stock SD 3.5 skip-layer choice).
+    Transformers (SD3, DiT, Flux): block indices 7, 8, 9 (the default, the stock SD 3.5 skip-layer
+    choice); on Flux the integers are its double-stream blocks and "single.<i>" its single-stream
+    blocks (ComfyUI's SkipLayerGuidanceDiT names them double_layers and single_layers).
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ DEFAULT_LAYERS: dict[str, tuple[str | int, ...]] = {"unet": ("mid",), "transform
 _SHORT = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
 # What a skipped block returns, by class: its inputs under these names, in its output order.
 _SKIP_OUTPUTS = {"BasicTransformerBlock": ("hidden_states",),
-                 "JointTransformerBlock": ("encoder_hidden_states", "hidden_states")}
+                 "JointTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+                 "FluxTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+                 "FluxSingleTransformerBlock": ("encoder_hidden_states", "hidden_states")}
+#: Flux's single-stream blocks, as a layer name says them ("single.3").
+_SINGLE = "single_transformer_blocks"
 
 
 def model_family(model: nn.Module) -> str:
@@ -51,6 +57,8 @@ def _prefix(layer: str | int, family: str) -> str:
     head, _, rest = layer.partition(".")
     if family == "transformer" and head.isdigit():
         return f"transformer_blocks.{layer}"
+    if family == "transformer" and head in ("single", "double"):
+        return f"{_SINGLE if head == 'single' else 'transformer_blocks'}" + (f".{rest}" if rest else "")
     return _SHORT.get(head, head) + (f".{rest}" if rest else "")
 
 
@@ -59,9 +67,15 @@ def _is_plain_self_attention(module: nn.Module) -> bool:
             and getattr(module, "add_k_proj", None) is None)
 
 
+def _is_flux_attention(module: nn.Module) -> bool:
+    """Flux's attention (double- and single-stream blocks): text and image tokens in one sequence,
+    text first, with rotary positions applied inside its processor."""
+    return type(module).__name__ == "FluxAttention" and hasattr(module, "processor")
+
+
 def _is_joint_attention(module: nn.Module) -> bool:
     """SD3-style joint attention: image and text tokens attend together (``add_k_proj`` set)."""
-    return (hasattr(module, "processor") and hasattr(module, "to_v")
+    return (hasattr(module, "processor") and hasattr(module, "to_v") and not _is_flux_attention(module)
             and getattr(module, "add_k_proj", None) is not None and getattr(module, "context_pre_only", None) is not None)
 
 
@@ -74,12 +88,17 @@ def _candidates(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
                 members.append((name, module))
         return members
     return [(name, module) for name, module in model.named_modules()
-            if _is_plain_self_attention(module) or (kind in ("identity", "blur") and _is_joint_attention(module))]
+            if _is_plain_self_attention(module) or (kind in ("identity", "blur") and _is_joint_attention(module))
+            or (kind == "identity" and _is_flux_attention(module))]
 
 
 def _accepted(model: nn.Module, family: str, candidates: list[tuple[str, nn.Module]]) -> str:
     if family == "transformer":
-        return f"transformer block indices 0..{len(model.transformer_blocks) - 1}"
+        accepted = f"transformer block indices 0..{len(model.transformer_blocks) - 1}"
+        singles = getattr(model, _SINGLE, None)
+        if isinstance(singles, nn.ModuleList) and len(singles):
+            accepted += f" (double-stream) or 'single.0'..'single.{len(singles) - 1}' (single-stream)"
+        return accepted
     heads = sorted({name.split(".attentions")[0].replace("_blocks", "").replace("_block", "")
                     for name, _ in candidates})
     return "'mid', 'down', 'up', 'down.<i>', 'up.<i>.attentions.<j>' or a module path prefix (this model has " \
@@ -258,6 +277,35 @@ def _perturbed_joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden
     return attn.to_out[1](attn.to_out[0](out)), context
 
 
+def flux_identity_mask(tokens: int, image_tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """PAG's attention mask on a Flux sequence of ``tokens`` (text first, then ``image_tokens``
+    image tokens): each image token attends to itself and to the text, the text to everything
+    (the image-to-image block of the map replaced by the identity, the rule of diffusers' SD3 PAG
+    pipeline on joint attention). Additive: 0 where attention is kept, -inf where removed."""
+    mask = torch.zeros((tokens, tokens), device=like.device, dtype=like.dtype)
+    text = tokens - image_tokens
+    mask[text:, text:] = float("-inf")
+    mask[text:, text:].fill_diagonal_(0)
+    return mask[None, None]
+
+
+def _perturbed_flux_attention(original: Callable, attn, hidden_states: torch.Tensor,
+                              encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                              kwargs: dict[str, Any], perturbation: Perturbation, latent_hw: tuple[int, int]):
+    """Flux attention of these rows with PAG's identity mask, through the layer's own processor
+    (so its rotary positions, q/k norms and projections are the model's). The image tokens are
+    the latent's 2 x 2 patches (Flux packs them so), after the text."""
+    if perturbation.kind != "identity":
+        raise ValueError(f"perturbation {perturbation.kind!r} is not supported on Flux attention")
+    if attention_mask is not None:
+        raise ValueError("perturbation 'identity' on a Flux attention layer that already has an attention mask "
+                         "is not supported")
+    image_tokens = (-(-latent_hw[0] // 2)) * (-(-latent_hw[1] // 2))
+    tokens = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+    mask = flux_identity_mask(tokens, image_tokens, hidden_states)
+    return original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask, **kwargs)
+
+
 def take_rows(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
     """``value`` restricted to ``rows`` when it is a per-row tensor (or a dict of them)."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
@@ -296,10 +344,14 @@ def perturbed_rows(original: Callable, attn, hidden_states: torch.Tensor, encode
                                       encoder_hidden_states=take_rows(encoder_hidden_states, plain, batch),
                                       attention_mask=take_rows(attention_mask, plain, batch),
                                       **take_rows(kwargs, plain, batch))))
-    joint = encoder_hidden_states is not None and _is_joint_attention(attn)
+    joint = encoder_hidden_states is not None and (_is_joint_attention(attn) or _is_flux_attention(attn))
     for start, end, perturbation in segments:
         rows = slice(start, end)
-        if joint:  # (image, text) streams; "identity" and "blur" resolve to joint layers
+        if _is_flux_attention(attn):
+            parts.append((rows, _perturbed_flux_attention(
+                original, attn, hidden_states[rows], take_rows(encoder_hidden_states, rows, batch),
+                take_rows(attention_mask, rows, batch), take_rows(kwargs, rows, batch), perturbation, latent_hw)))
+        elif joint:  # (image, text) streams; "identity" and "blur" resolve to joint layers
             parts.append((rows, _perturbed_joint_attention(attn, hidden_states[rows], encoder_hidden_states[rows],
                                                            perturbation, latent_hw)))
         else:

@@ -86,12 +86,19 @@ class PlanProcessor:
 
     def __init__(self, original: Callable) -> None:
         self.original = original
+        # The names of the arguments after (attn, hidden_states), for callers that pass them by
+        # position (Flux's attention passes encoder states, mask and rotary embedding so).
+        try:
+            self.positional = tuple(inspect.signature(original).parameters)[2:]
+        except (TypeError, ValueError):
+            self.positional = ("encoder_hidden_states", "attention_mask")
 
     def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = _PLAN.get()
         if plan is not None and (attn in plan.probes or attn in plan.attention):
-            encoder_hidden_states = kwargs.pop("encoder_hidden_states", args[0] if args else None)
-            attention_mask = kwargs.pop("attention_mask", args[1] if len(args) > 1 else None)
+            kwargs = {**dict(zip(self.positional, args)), **kwargs}
+            encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
+            attention_mask = kwargs.pop("attention_mask", None)
             if attn in plan.probes:
                 record_attention(attn, hidden_states, kwargs, plan.probes[attn], plan.latent_hw)
             if attn in plan.attention:

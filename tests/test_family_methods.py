@@ -59,7 +59,7 @@ def _dit():
 
 
 #: Layer-level methods on the tiny transformers: block 0 (the family defaults 7, 8, 9 do not exist there).
-TINY_BLOCKS = {"SD3": [0], "DiT": [0]}
+TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "DiT": [0]}
 
 FAMILIES: dict[str, Callable[[], tuple[Any, str, dict[str, Any]]]] = {
     "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "DiT": _dit}

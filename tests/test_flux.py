@@ -81,7 +81,7 @@ def test_latents_and_callback_are_packed_as_stock(flux_pair) -> None:
     assert torch.equal(got, want) and set(seen) == {PACKED}
 
 
-@pytest.mark.parametrize("method", ["pag", "seg", "tsg"])
+@pytest.mark.parametrize("method", ["seg", "sag"])
 def test_unsupported_alterations_are_refused_before_any_forward(flux_pair, method) -> None:
     _, guided = flux_pair
     calls = []
@@ -91,9 +91,8 @@ def test_unsupported_alterations_are_refused_before_any_forward(flux_pair, metho
         raise AssertionError("the transformer ran")
 
     guided.transformer.forward = refuse
-    spec = {"name": method, "t_min": 0.0} if method == "tsg" else method
     with pytest.raises(ValueError, match=rf"method '{method}' .*(not support|do not have)"):
-        guided(PROMPT, guidance=spec, generator=seeded(0), **CALL)
+        guided(PROMPT, guidance=method, generator=seeded(0), **CALL)
     assert calls == []
 
 
