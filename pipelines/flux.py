@@ -36,9 +36,9 @@ class FluxBranches(TransformerBranches):
     conditional first, as the stock pipeline runs its true CFG (:class:`TransformerBranches`)."""
 
     family = "GuidedFluxPipeline"
-    # PAG's identity attention (on double- and single-stream attention), skipped blocks (SLG) and
-    # TSG's noise on the time-step embedding; SEG's blurred queries and SAG's map are not available.
-    perturbations = frozenset({"identity", "skip"})
+    # PAG's identity attention and SEG's blurred queries (on double- and single-stream attention),
+    # skipped blocks (SLG) and TSG's noise on the time-step embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip"})
     time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,

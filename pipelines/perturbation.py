@@ -89,7 +89,7 @@ def _candidates(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
         return members
     return [(name, module) for name, module in model.named_modules()
             if _is_plain_self_attention(module) or (kind in ("identity", "blur") and _is_joint_attention(module))
-            or (kind == "identity" and _is_flux_attention(module))]
+            or (kind in ("identity", "blur") and _is_flux_attention(module))]
 
 
 def _accepted(model: nn.Module, family: str, candidates: list[tuple[str, nn.Module]]) -> str:
@@ -289,20 +289,44 @@ def flux_identity_mask(tokens: int, image_tokens: int, like: torch.Tensor) -> to
     return mask[None, None]
 
 
+class _BlurredQueries:
+    """An attention layer seen through SEG: its query projection blurs the image tokens' queries
+    over their grid (the text tokens, first in a Flux single-stream sequence, are left alone);
+    everything else is the layer's own. One per call, so nothing on the shared layer changes."""
+
+    def __init__(self, attn: nn.Module, grid: tuple[int, int], sigma: float) -> None:
+        self._attn, self._grid, self._sigma = attn, grid, sigma
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._attn, name)
+
+    def to_q(self, states: torch.Tensor) -> torch.Tensor:
+        query = self._attn.to_q(states)
+        text = query.shape[1] - self._grid[0] * self._grid[1]
+        image = gaussian_blur_queries(query[:, text:], *self._grid, self._sigma)
+        return torch.cat([query[:, :text], image], dim=1) if text else image
+
+
 def _perturbed_flux_attention(original: Callable, attn, hidden_states: torch.Tensor,
                               encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
                               kwargs: dict[str, Any], perturbation: Perturbation, latent_hw: tuple[int, int]):
-    """Flux attention of these rows with PAG's identity mask, through the layer's own processor
-    (so its rotary positions, q/k norms and projections are the model's). The image tokens are
-    the latent's 2 x 2 patches (Flux packs them so), after the text."""
-    if perturbation.kind != "identity":
-        raise ValueError(f"perturbation {perturbation.kind!r} is not supported on Flux attention")
+    """Flux attention of these rows, perturbed, through the layer's own processor (so its rotary
+    positions, q/k norms and projections are the model's): "identity" (PAG) with the identity
+    mask, "blur" (SEG) with the image queries blurred before the q-norm, as SEG does on plain
+    self-attention. The image tokens are the latent's 2 x 2 patches (Flux packs them so), after
+    the text."""
+    grid = (-(-latent_hw[0] // 2), -(-latent_hw[1] // 2))
+    if perturbation.kind == "blur":
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("perturbation 'blur' on a Flux attention layer with fused projections is not supported "
+                             "(call transformer.unfuse_qkv_projections())")
+        return original(_BlurredQueries(attn, grid, perturbation.sigma), hidden_states,
+                        encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs)
     if attention_mask is not None:
         raise ValueError("perturbation 'identity' on a Flux attention layer that already has an attention mask "
                          "is not supported")
-    image_tokens = (-(-latent_hw[0] // 2)) * (-(-latent_hw[1] // 2))
     tokens = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
-    mask = flux_identity_mask(tokens, image_tokens, hidden_states)
+    mask = flux_identity_mask(tokens, grid[0] * grid[1], hidden_states)
     return original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask, **kwargs)
 
 

@@ -81,7 +81,7 @@ def test_latents_and_callback_are_packed_as_stock(flux_pair) -> None:
     assert torch.equal(got, want) and set(seen) == {PACKED}
 
 
-@pytest.mark.parametrize("method", ["seg", "sag"])
+@pytest.mark.parametrize("method", ["sag"])
 def test_unsupported_alterations_are_refused_before_any_forward(flux_pair, method) -> None:
     _, guided = flux_pair
     calls = []
