@@ -24,6 +24,8 @@ _EXPORTS = {
     "GuidedFluxPipeline": ".flux",
     "GuidedFluxImg2ImgPipeline": ".flux",
     "FluxBranches": ".flux",
+    "GuidedFlux2KleinPipeline": ".flux2",
+    "Flux2Branches": ".flux2",
     "default_model_path": ".models",
     "load_pipeline": ".models",
 }

@@ -21,6 +21,12 @@ def pipeline_class_for(model: str | os.PathLike):
     if "DiT" in name:
         from .dit import GuidedDiTPipeline
         return GuidedDiTPipeline
+    if name.startswith("Flux2Klein"):
+        from .flux2 import GuidedFlux2KleinPipeline
+        return GuidedFlux2KleinPipeline
+    if name.startswith("Flux2"):
+        raise ValueError(f"model: {model} is a {name} checkpoint (Flux.2 with a Mistral text encoder), which the "
+                         "engine does not run yet; Flux.2 Klein, Flux.1, SD, SDXL, SD3 and DiT checkpoints are taken")
     if "Flux" in name:
         from .flux import GuidedFluxPipeline
         return GuidedFluxPipeline

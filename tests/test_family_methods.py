@@ -50,6 +50,14 @@ def _flux():
         "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 16}
 
 
+def _flux2_klein():
+    from guidance_engine.pipelines import GuidedFlux2KleinPipeline
+    from guidance_engine.pipelines.toy.tiny_flux2 import tiny_flux2_klein_components
+
+    return GuidedFlux2KleinPipeline(**tiny_flux2_klein_components(0)), "transformer", {
+        "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 32}
+
+
 def _dit():
     from guidance_engine.pipelines import GuidedDiTPipeline
     from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
@@ -62,7 +70,7 @@ def _dit():
 TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "DiT": [0]}
 
 FAMILIES: dict[str, Callable[[], tuple[Any, str, dict[str, Any]]]] = {
-    "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "DiT": _dit}
+    "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 Klein": _flux2_klein, "DiT": _dit}
 
 
 def outcome(family: str, name: str, pipe, network: str, inputs: dict[str, Any]) -> str:
