@@ -26,6 +26,12 @@ _EXPORTS = {
     "FluxBranches": ".flux",
     "GuidedFlux2KleinPipeline": ".flux2",
     "Flux2Branches": ".flux2",
+    "GuidedChromaPipeline": ".chroma",
+    "ChromaBranches": ".chroma",
+    "GuidedQwenImagePipeline": ".qwen_image",
+    "QwenImageBranches": ".qwen_image",
+    "GuidedZImagePipeline": ".z_image",
+    "ZImageBranches": ".z_image",
     "default_model_path": ".models",
     "load_pipeline": ".models",
 }

@@ -35,7 +35,7 @@ import torch
 
 __all__ = ["DEFAULT_INVERSION_GUIDANCE", "INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "attach_dit_gfcg", "attach_text_gfcg",
            "independent_class_conditions", "independent_text_conditions", "negative_branch_inputs",
-           "stock_guidance", "stock_skip_layer_guidance"]
+           "stock_guidance", "stock_renorm_guidance", "stock_skip_layer_guidance", "stock_true_cfg_renorm"]
 
 #: What ``invert`` uses unless told: CFG++ (its official inversion).
 DEFAULT_INVERSION_GUIDANCE = "cfgpp"
@@ -85,6 +85,22 @@ def stock_guidance(scale: float, rescale: float = 0.0):
     from guidance_engine.methods.cfg import CFG
 
     return CFG(scale=scale, rescale=rescale)
+
+
+def stock_true_cfg_renorm(scale: float):
+    """What Qwen-Image's ``guidance=None`` means with a negative prompt and ``true_cfg_scale`` > 1:
+    its stock true CFG, each 2 x 2 token's guided output rescaled to the conditional token's norm."""
+    from guidance_engine.methods.cfg_renorm import CFGRenorm
+
+    return CFGRenorm(scale=scale)
+
+
+def stock_renorm_guidance(scale: float, renorm: float, truncation: float):
+    """What ``guidance=None`` means on Z-Image: its stock CFG ``pos + s (pos - neg)`` with the norm
+    cap ``cfg_normalization`` (0 = off) and ``cfg_truncation``, as RenormCFG at w = s + 1."""
+    from guidance_engine.methods.renorm_cfg import RenormCFG
+
+    return RenormCFG(scale=scale, renorm=renorm, truncation=truncation)
 
 
 def negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size: int) -> tuple | None:

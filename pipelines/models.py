@@ -21,12 +21,22 @@ def pipeline_class_for(model: str | os.PathLike):
     if "DiT" in name:
         from .dit import GuidedDiTPipeline
         return GuidedDiTPipeline
+    if name == "ChromaPipeline":
+        from .chroma import GuidedChromaPipeline
+        return GuidedChromaPipeline
+    if name == "QwenImagePipeline":  # exactly: the edit, img2img and inpainting checkpoints are not text-to-image
+        from .qwen_image import GuidedQwenImagePipeline
+        return GuidedQwenImagePipeline
+    if name == "ZImagePipeline":
+        from .z_image import GuidedZImagePipeline
+        return GuidedZImagePipeline
     if name.startswith("Flux2Klein"):
         from .flux2 import GuidedFlux2KleinPipeline
         return GuidedFlux2KleinPipeline
-    if name.startswith("Flux2"):
-        raise ValueError(f"model: {model} is a {name} checkpoint (Flux.2 with a Mistral text encoder), which the "
-                         "engine does not run yet; Flux.2 Klein, Flux.1, SD, SDXL, SD3 and DiT checkpoints are taken")
+    if name.startswith(("Flux2", "QwenImage", "Chroma", "ZImage")):  # a variant of a family not run yet
+        raise ValueError(f"model: {model} is a {name} checkpoint, which the engine does not run yet; text-to-image "
+                         "checkpoints of Flux.1, Flux.2 Klein, Chroma, Qwen-Image, Z-Image, SD 1.x/2.x, SDXL, SD3 and "
+                         "DiT are taken")
     if "Flux" in name:
         from .flux import GuidedFluxPipeline
         return GuidedFluxPipeline
@@ -96,7 +106,7 @@ def generate_from_prompts(pipe, prompts: str | list[str], negative_prompt=None, 
         prompts = [prompts] if isinstance(prompts, str) else prompts
         labels = pipe.class_ids([class_label(p) for p in prompts])
         return pipe([k for k in labels for _ in range(num_images_per_prompt)], **kwargs)
-    return pipe(prompts, negative_prompt=negative_prompt, height=height, width=width,
+    return pipe(prompt=prompts, negative_prompt=negative_prompt, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, **kwargs)
 
 

@@ -58,6 +58,30 @@ def _flux2_klein():
         "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 32}
 
 
+def _chroma():
+    from guidance_engine.pipelines import GuidedChromaPipeline
+    from guidance_engine.pipelines.toy.tiny_chroma import tiny_chroma_components
+
+    return GuidedChromaPipeline(**tiny_chroma_components(0)), "transformer", {
+        "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 16}
+
+
+def _qwen_image():
+    from guidance_engine.pipelines import GuidedQwenImagePipeline
+    from guidance_engine.pipelines.toy.tiny_qwen_image import tiny_qwen_image_components
+
+    return GuidedQwenImagePipeline(**tiny_qwen_image_components(0)), "transformer", {
+        "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 16}
+
+
+def _z_image():
+    from guidance_engine.pipelines import GuidedZImagePipeline
+    from guidance_engine.pipelines.toy.tiny_z_image import tiny_z_image_components
+
+    return GuidedZImagePipeline(**tiny_z_image_components(0)), "transformer", {
+        "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 64}
+
+
 def _dit():
     from guidance_engine.pipelines import GuidedDiTPipeline
     from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
@@ -70,7 +94,8 @@ def _dit():
 TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "DiT": [0]}
 
 FAMILIES: dict[str, Callable[[], tuple[Any, str, dict[str, Any]]]] = {
-    "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 Klein": _flux2_klein, "DiT": _dit}
+    "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 Klein": _flux2_klein,
+    "Chroma": _chroma, "Qwen-Image": _qwen_image, "Z-Image": _z_image, "DiT": _dit}
 
 
 def outcome(family: str, name: str, pipe, network: str, inputs: dict[str, Any]) -> str:

@@ -5,12 +5,14 @@ from .apg import APG
 from .apg_mix import APGMix
 from .autoguidance import AutoGuidance
 from .cfg import CFG
+from .cfg_renorm import CFGRenorm
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
 from .fdg import FDG
 from .linear_ag import LinearAG
 from .mambo_g import MAMBOG
 from .perp_neg import PerpNeg
+from .renorm_cfg import RenormCFG
 from .tcfg import TCFG
 from .tsg import TSG
 from .fkc import FKC
@@ -21,5 +23,5 @@ from .sag import SAG
 from .seg import SEG
 from .slg import SLG
 
-__all__ = ["AdaptiveGuidance", "APG", "APGMix", "AutoGuidance", "CFG", "CFGPlusPlus", "CFGZeroStar", "FDG", "FKC", "GFCG", "ICG", "LinearAG",
-           "MAMBOG", "PAG", "PerpNeg", "SAG", "SEG", "SLG", "TCFG", "TSG"]
+__all__ = ["AdaptiveGuidance", "APG", "APGMix", "AutoGuidance", "CFG", "CFGPlusPlus", "CFGRenorm", "CFGZeroStar", "FDG", "FKC", "GFCG", "ICG", "LinearAG",
+           "MAMBOG", "PAG", "PerpNeg", "RenormCFG", "SAG", "SEG", "SLG", "TCFG", "TSG"]

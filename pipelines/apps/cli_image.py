@@ -107,14 +107,24 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The checkpoints each image command takes, by guided pipeline class.
+_TEXT_TO_IMAGE_SD = {"GuidedStableDiffusionPipeline", "GuidedStableDiffusionXLPipeline"}
+_IMAGE_FAMILIES = {"img2img": _TEXT_TO_IMAGE_SD | {"GuidedFluxPipeline"}, "inpainting": _TEXT_TO_IMAGE_SD,
+                   "editing": _TEXT_TO_IMAGE_SD}
+
+
 def _check_image_family(model, inpaint: bool, edit: bool = False) -> None:
     """Refuse, before the model loads, a checkpoint whose family lacks this image command."""
     from ..models import pipeline_class_for, resolve_model
 
     path = Path(resolve_model(model))
-    if path.is_dir() and "Flux" in pipeline_class_for(path).__name__ and (inpaint or edit):
-        raise ValueError(f"--model: {'editing' if edit else 'inpainting'} needs a Stable Diffusion 1.x/2.x or SDXL "
-                         f"checkpoint here, got a Flux.1 one ({model})")
+    if not path.is_dir():
+        return  # not a local checkpoint: --model's own check names it
+    command = "editing" if edit else "inpainting" if inpaint else "img2img"
+    family = pipeline_class_for(path).__name__
+    if family not in _IMAGE_FAMILIES[command]:
+        takes = "Stable Diffusion 1.x/2.x or SDXL" + (" or Flux.1" if command == "img2img" else "")
+        raise ValueError(f"--model: {command} needs a {takes} checkpoint here, got a {family} one ({model})")
 
 
 def _image_pipeline(pipe, inpaint: bool, edit: bool = False):
