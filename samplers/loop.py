@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from guidance_engine.guidance import Guidance, GuidedPrediction, StepInfo
 from guidance_engine.prediction import PREDICTION_TYPES, Prediction
 
-from .schedule import (NoiseSchedule, check_num_steps, fresh_scheduler, is_flow_scheduler, levels_at,
+from .schedule import (NoiseSchedule, all_levels, check_num_steps, fresh_scheduler, is_flow_scheduler,
                        schedule_from_scheduler)
 from .steps import dpmpp_2m_step, first_order_step
 
@@ -236,22 +236,33 @@ def _stochastic(sampler: str, eta: float | None, scheduler) -> bool:
             or str(scheduler.config.get("algorithm_type", "")).startswith("sde"))
 
 
-def _check_finite(x: torch.Tensor, i: int, n: int, guidance: Guidance, sampler: str, sigma: float) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteLatentsError(
-            f"latents became NaN/inf at step {i + 1} of {n} (sigma {sigma:.4g}) with method "
-            f"{guidance.name!r} and sampler {sampler!r}; try a lower scale or float32")
+def _note_nonfinite(first_bad: torch.Tensor, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``first_bad`` (the first step whose latents were not finite, -1 while none) updated with
+    the latents ``x`` of ``step`` (a 0-d tensor), on the device: no host read per step."""
+    return torch.where((first_bad < 0) & ~torch.isfinite(x).all(), step, first_bad)
+
+
+def _nonfinite_error(first_bad: torch.Tensor, run, n: int, guidance: Guidance, sampler: str
+                     ) -> NonFiniteLatentsError | None:
+    """The error naming the first step whose latents became NaN/inf (one host read), or None."""
+    i = int(first_bad)
+    if i < 0:
+        return None
+    return NonFiniteLatentsError(
+        f"latents became NaN/inf at step {i + 1} of {n} (sigma {run.ratio(i):.4g}) with method "
+        f"{guidance.name!r} and sampler {sampler!r}; try a lower scale or float32")
 
 
 def evaluate_branches(model: BranchModel, guidance: Guidance, step: StepInfo, state: Any, x_in: torch.Tensor,
-                      timestep: torch.Tensor, alpha: float, sigma: float, prediction_type: str,
-                      nfe: torch.Tensor) -> dict[str, Prediction]:
+                      timestep: torch.Tensor, alpha: float | torch.Tensor, sigma: float | torch.Tensor,
+                      prediction_type: str, nfe: torch.Tensor) -> dict[str, Prediction]:
     """The branches the method asks for at ``step``, in one call of ``model``, as Predictions
-    (each on its rows of ``x_in``, at the level (alpha, sigma)); counts the NFEs per sample."""
+    (each on its rows of ``x_in``, at the level (alpha, sigma): floats, or float64 0-d tensors
+    made once per run); counts the NFEs per sample."""
     requests = normalize_requests(guidance.branches(step, state))
     outputs = model(x_in, timestep, requests)
-    a = torch.tensor(alpha, dtype=torch.float64, device=x_in.device)
-    s = torch.tensor(sigma, dtype=torch.float64, device=x_in.device)
+    a = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(alpha, dtype=torch.float64, device=x_in.device)
+    s = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=torch.float64, device=x_in.device)
     preds = {}
     for branch, rows in requests:
         nfe[slice(None) if rows is None else rows.cpu()] += 1
@@ -316,36 +327,57 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
             x = run.noised(image.latents, noise, first)
     nfe = torch.zeros(noise.shape[0], dtype=torch.long)
     denoised = x
-    with tqdm(total=n - first, **bar_options) as bar:
-        for i in range(first, n):
-            t = run.timesteps[i]
-            x_in, alpha, sigma = run.model_input(x, i)
-            step = StepInfo(index=i, num_steps=n, sigma=run.ratio(i), sigma_next=run.ratio_next(i), timestep=float(t))
-            preds = evaluate_branches(model, guidance, step, state, x_in, t, alpha, sigma, prediction_type, nfe)
-            guided = guidance.combine(preds, step, state)
-            x = run.step(x, guided, i)
-            if image is not None and image.mask is not None:
-                # Inpainting by replacement: outside the mask the image itself, at the next level.
-                x = image.mask * x + (1 - image.mask) * run.noised(image.latents, noise, i + 1)
-            _check_finite(x, i, n, guidance, sampler, step.sigma)
-            denoised = guided.denoise.x0
+    # NaN/inf latents are noted on the device and read once, after the loop (or when a later
+    # step fails on them): a per-step check would be a host sync per step on a GPU.
+    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
+    step_ids = torch.arange(n, device=x.device)
+    levels = run.level_tensors(x.device)
+    try:
+        with tqdm(total=n - first, **bar_options) as bar:
+            for i in range(first, n):
+                t = run.timesteps[i]
+                x_in = run.model_input(x, i)
+                step = StepInfo(index=i, num_steps=n, sigma=run.ratio(i), sigma_next=run.ratio_next(i),
+                                timestep=run.timestep_values[i])
+                preds = evaluate_branches(model, guidance, step, state, x_in, t, *levels[i], prediction_type, nfe)
+                guided = guidance.combine(preds, step, state)
+                x = run.step(x, guided, i)
+                if image is not None and image.mask is not None:
+                    # Inpainting by replacement: outside the mask the image itself, at the next level.
+                    x = image.mask * x + (1 - image.mask) * run.noised(image.latents, noise, i + 1)
+                first_bad = _note_nonfinite(first_bad, x, step_ids[i])
+                denoised = guided.denoise.x0
             # After the step a method may reweight and resample its particles (FKC): every
             # per-sample quantity follows the kept rows.
-            keep = guidance.after_step(x, preds, guided, step, state)
-            if keep is not None:
-                x, denoised, nfe = x[keep], denoised[keep], nfe[keep.cpu()]
-                if image is not None:
-                    image, noise = image.rows(keep), noise[keep]
-                state = guidance.select_state(state, keep)
-                run.select(keep)
-            if callback is not None:
-                replaced = callback(StepRecord(i, n, t, step.sigma, step.sigma_next, x, denoised,
-                                               float(nfe.float().mean()), first))
-                if replaced is not None:
-                    x = replaced
-            bar.update()
+                keep = guidance.after_step(x, preds, guided, step, state)
+                if keep is not None:
+                    x, denoised, nfe = x[keep], denoised[keep], nfe[keep.cpu()]
+                    if image is not None:
+                        image, noise = image.rows(keep), noise[keep]
+                    state = guidance.select_state(state, keep)
+                    run.select(keep)
+                if callback is not None:
+                    replaced = callback(StepRecord(i, n, t, step.sigma, step.sigma_next, x, denoised,
+                                                   float(nfe.float().mean()), first))
+                    if replaced is not None:
+                        x = replaced
+                bar.update()
+    except Exception as error:  # a later step failing on NaN latents: name where they began
+        cause = _nonfinite_error(first_bad, run, n, guidance, sampler)
+        if cause is not None:
+            raise cause from error
+        raise
+    cause = _nonfinite_error(first_bad, run, n, guidance, sampler)
+    if cause is not None:
+        raise cause
     return SampleResult(x=x, denoised=denoised, nfe=float(nfe.float().mean()), nfe_per_sample=nfe.tolist(),
                         state=state)
+
+
+def _level_tensors(levels: Sequence[tuple[float, float]], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step, (alpha_t, sigma_t) as float64 0-d tensors: one transfer per run, then views."""
+    table = torch.tensor(levels, dtype=torch.float64, device=device).reshape(-1, 2)
+    return [(row[0], row[1]) for row in table]
 
 
 class _SolverRun:
@@ -364,6 +396,7 @@ class _SolverRun:
         self.schedule: NoiseSchedule = schedule_from_scheduler(source, num_steps, device, timesteps, sigmas,
                                                                **set_kwargs)
         self.timesteps = self.schedule.timesteps
+        self.timestep_values = [self.schedule.timestep(i) for i in range(self.schedule.num_steps)]
         self.num_steps = self.schedule.num_steps
         self.init_scale = self.schedule.init_scale
         self.eta = spec.eta if eta is None else eta
@@ -378,7 +411,7 @@ class _SolverRun:
         """``clean`` latents at the level of step ``index`` (the clean latents at ``index == n``)."""
         if index >= self.num_steps:
             return clean
-        a, s = float(self.schedule.alpha_t[index]), float(self.schedule.sigma_t[index])
+        a, s = self.schedule.levels(index)
         return (a * clean.double() + s * noise.double()).to(clean.dtype)
 
     def ratio(self, i: int) -> float:
@@ -387,8 +420,12 @@ class _SolverRun:
     def ratio_next(self, i: int) -> float:
         return self.schedule.ratio_next(i)
 
-    def model_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, float, float]:
-        return x, float(self.schedule.alpha_t[i]), float(self.schedule.sigma_t[i])
+    def level_tensors(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(alpha_t, sigma_t) of every step as float64 0-d tensors on ``device``, made at once."""
+        return _level_tensors([self.schedule.levels(i) for i in range(self.num_steps)], device)
+
+    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep the multistep history of the rows ``keep`` (after particle resampling)."""
@@ -397,8 +434,7 @@ class _SolverRun:
 
     def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int) -> torch.Tensor:
         sch = self.schedule
-        a, s = float(sch.alpha_t[i]), float(sch.sigma_t[i])
-        a_next, s_next = float(sch.alpha_t_next[i]), float(sch.sigma_t_next[i])
+        (a, s), (a_next, s_next) = sch.levels(i), sch.levels_next(i)
         x0, eps = guided.denoise.x0, guided.renoise.eps
         if self.spec.update == "dpmpp_2m":
             x_next, self.history = dpmpp_2m_step(x0, eps, a, s, a_next, s_next, self.history,
@@ -425,10 +461,11 @@ class _SchedulerRun:
         self.begin_at(0)  # as the stock SDXL pipeline does
         self.order = int(getattr(self.scheduler, "order", 1))
         self.timesteps = self.scheduler.timesteps
+        self.timestep_values = [float(t) for t in self.timesteps.tolist()]  # one host read per run
         self.num_steps = len(self.timesteps)
         self.init_scale = getattr(self.scheduler, "init_noise_sigma", 1.0)
         self.kwargs = _step_kwargs(self.scheduler, generator, eta)
-        self._levels = [levels_at(self.scheduler, i, t) for i, t in enumerate(self.timesteps)]
+        self._levels = all_levels(self.scheduler, self.timestep_values)
 
     def begin_at(self, index: int) -> None:
         """Start at step ``index``, as the stock img2img pipelines tell their scheduler."""
@@ -451,11 +488,14 @@ class _SchedulerRun:
     def ratio_next(self, i: int) -> float:
         return self.ratio(i + 1) if i + 1 < self.num_steps else 0.0
 
-    def model_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, float, float]:
-        a, s = self._levels[i]
+    def level_tensors(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(alpha_t, sigma_t) of every step as float64 0-d tensors on ``device``, made at once."""
+        return _level_tensors(self._levels, device)
+
+    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if hasattr(self.scheduler, "scale_model_input"):
             x = self.scheduler.scale_model_input(x, self.timesteps[i])
-        return x, a, s
+        return x
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep the rows ``keep`` of a multistep scheduler's stored outputs (DPM-Solver's)."""

@@ -35,16 +35,34 @@ class NoiseSchedule:
     init_scale: float
     flow: bool
 
+    def __post_init__(self) -> None:
+        # The per-step scalars as Python floats, read off the tensors once per run: a step then
+        # reads nothing from a device (each float(tensor[i]) would be a host sync on a GPU).
+        for name in ("timesteps", "alpha_t", "sigma_t", "alpha_t_next", "sigma_t_next"):
+            object.__setattr__(self, f"_{name}", tuple(float(v) for v in getattr(self, name).tolist()))
+
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    def timestep(self, i: int) -> float:
+        """Step i's timestep as a Python float."""
+        return self._timesteps[i]
+
+    def levels(self, i: int) -> tuple[float, float]:
+        """(alpha_t, sigma_t) of step i, Python floats."""
+        return self._alpha_t[i], self._sigma_t[i]
+
+    def levels_next(self, i: int) -> tuple[float, float]:
+        """(alpha_t, sigma_t) that step i moves to, Python floats."""
+        return self._alpha_t_next[i], self._sigma_t_next[i]
+
     def ratio(self, i: int) -> float:
         """k-diffusion sigma (sigma / alpha) at step i; inf at the pure-noise end of a flow."""
-        return _ratio(float(self.alpha_t[i]), float(self.sigma_t[i]))
+        return _ratio(*self.levels(i))
 
     def ratio_next(self, i: int) -> float:
-        return _ratio(float(self.alpha_t_next[i]), float(self.sigma_t_next[i]))
+        return _ratio(*self.levels_next(i))
 
 
 def _ratio(alpha: float, sigma: float) -> float:
@@ -56,23 +74,25 @@ def is_flow_scheduler(scheduler) -> bool:
     return "FlowMatch" in type(scheduler).__name__
 
 
-def levels_at(scheduler, index: int, timestep: torch.Tensor) -> tuple[float, float]:
-    """(alpha, sigma) of a diffusers scheduler at its step ``index`` (its timestep ``timestep``).
+def all_levels(scheduler, timesteps: list[float], offset: int = 0) -> list[tuple[float, float]]:
+    """(alpha, sigma) of a configured diffusers scheduler at its steps ``offset + i`` (timesteps
+    ``timesteps[i]``, Python numbers), its tables read once (not once per step).
 
     Flow schedulers: s = sigmas[index], alpha = 1 - s. Schedulers that keep k-diffusion sigmas
     (Euler, DPM-Solver, Heun, LMS): alpha = 1 / sqrt(1 + sigma^2). Others (DDIM, PNDM, DDPM):
     ``alphas_cumprod`` at the timestep.
     """
-    if is_flow_scheduler(scheduler):
-        s = float(scheduler.sigmas[index])
-        return 1.0 - s, s
     sigmas = getattr(scheduler, "sigmas", None)
-    if isinstance(sigmas, torch.Tensor) and len(sigmas) > index:
-        k = float(sigmas[index])
-        a = 1.0 / math.sqrt(1.0 + k * k)
-        return a, k * a
-    abar = float(scheduler.alphas_cumprod[int(timestep)])
-    return math.sqrt(abar), math.sqrt(1.0 - abar)
+    indices = range(offset, offset + len(timesteps))
+    if is_flow_scheduler(scheduler):
+        table = sigmas.tolist()
+        return [(1.0 - table[i], table[i]) for i in indices]
+    if isinstance(sigmas, torch.Tensor) and len(sigmas) >= offset + len(timesteps):
+        table = sigmas.tolist()
+        alphas = [1.0 / math.sqrt(1.0 + table[i] * table[i]) for i in indices]
+        return [(a, table[i] * a) for a, i in zip(alphas, indices)]
+    abar = scheduler.alphas_cumprod.tolist()
+    return [(math.sqrt(abar[int(t)]), math.sqrt(1.0 - abar[int(t)])) for t in timesteps]
 
 
 def fresh_scheduler(scheduler_class, config):
@@ -104,15 +124,17 @@ def schedule_from_scheduler(scheduler, num_steps: int, device: torch.device | st
     if getattr(sched, "order", 1) != 1:
         raise ValueError(f"sampler: cannot read levels off a scheduler of order {sched.order} "
                          f"({type(sched).__name__}); use sampler='scheduler' for it")
-    cur = [levels_at(sched, i, ts[i]) for i in range(n)]
+    ts_values = ts.tolist()
+    cur = all_levels(sched, ts_values)
     if hasattr(sched, "sigmas") and isinstance(sched.sigmas, torch.Tensor) and len(sched.sigmas) > n:
-        nxt = [levels_at(sched, i + 1, ts[i]) for i in range(n)]
+        nxt = all_levels(sched, ts_values, offset=1)
     else:  # DDIM's rule: prev_t = t - T // n, with the final alpha beyond the start of training
         ratio = sched.config.num_train_timesteps // sched.num_inference_steps
+        table, final = sched.alphas_cumprod.tolist(), float(sched.final_alpha_cumprod)
         nxt = []
-        for t in ts.tolist():
+        for t in ts_values:
             prev = int(t) - ratio
-            abar = float(sched.alphas_cumprod[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+            abar = table[prev] if prev >= 0 else final
             nxt.append((math.sqrt(abar), math.sqrt(1.0 - abar)))
     input_scale = 1.0
     if hasattr(sched, "scale_model_input"):  # flow schedulers have none (their input is x)

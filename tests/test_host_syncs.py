@@ -1,0 +1,65 @@
+"""Host reads per denoising step (each is a device sync on a GPU): the engine adds none to the
+stock pipeline's on the path through the scheduler's step, and its own solvers read nothing per
+step. Counted with a torch dispatch mode (``_local_scalar_dense`` is what ``float(t)``,
+``int(t)``, ``bool(t)`` and ``t.item()`` run), as the difference between a 6-step and a 3-step run,
+so that per-call reads (the initial noise check, the one end-of-run NaN check) cancel out."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import PROMPT, quiet, seeded
+
+READS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.item"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in READS:
+            self.count[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def reads_per_step(pipe, **call) -> float:
+    totals = []
+    for steps in (3, 6):
+        with HostReads() as reads:
+            pipe(PROMPT, num_inference_steps=steps, generator=seeded(0), output_type="latent", **call)
+        totals.append(sum(reads.count.values()))
+    return (totals[1] - totals[0]) / 3
+
+
+def _sd():
+    from diffusers import StableDiffusionPipeline
+    from guidance_engine.pipelines import GuidedStableDiffusionPipeline
+    from guidance_engine.pipelines.toy.tiny_models import tiny_sd_components
+    stock = quiet(StableDiffusionPipeline(**tiny_sd_components(0), requires_safety_checker=False))
+    return stock, quiet(GuidedStableDiffusionPipeline.from_pipe(stock)), {}
+
+
+def _flux():
+    from diffusers import FluxPipeline
+    from guidance_engine.pipelines import GuidedFluxPipeline
+    from guidance_engine.pipelines.toy.tiny_models import tiny_flux_components
+    stock = quiet(FluxPipeline(**tiny_flux_components(0)))
+    return stock, quiet(GuidedFluxPipeline.from_pipe(stock)), {
+        "height": 32, "width": 32, "max_sequence_length": 16, "negative_prompt": "blue", "true_cfg_scale": 4.0}
+
+
+@pytest.mark.parametrize("build", [_sd, _flux], ids=["sd", "flux"])
+def test_the_engine_adds_no_host_read_per_step_to_the_stock_pipeline(build) -> None:
+    stock, guided, call = build()
+    stock_reads = reads_per_step(stock, **call)
+    assert reads_per_step(guided, **call) <= stock_reads
+    assert reads_per_step(guided, sampler="euler", **call) == 0  # the core's own solver: none at all
+    assert reads_per_step(guided, guidance="apg", **call) <= stock_reads  # a stateful method too
