@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler)
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from guidance_engine.guidance import Guidance, GuidedPrediction, StepInfo
 from guidance_engine.prediction import PREDICTION_TYPES, Prediction
 
+from .names import MIRRORS, SAMPLER_NAMES, SAMPLERS, SCHEDULER_SAMPLER, SamplerSpec  # noqa: F401 (re-exported)
 from .schedule import (NoiseSchedule, all_levels, check_num_steps, fresh_scheduler, is_flow_scheduler,
                        schedule_from_scheduler)
 from .steps import dpmpp_2m_step, first_order_step
@@ -56,33 +55,6 @@ def normalize_requests(branches: Sequence[str] | Mapping[str, torch.Tensor | Non
 
 class NonFiniteLatentsError(FloatingPointError):
     """The latents became NaN or infinite; the message names the step, method and sampler."""
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A solver of the core: its update and the stock scheduler whose levels it visits."""
-
-    name: str
-    scheduler_class: type | None
-    update: str  # "first_order" or "dpmpp_2m"
-    eta: float
-    description: str
-
-
-SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
-    SamplerSpec("ddim", DDIMScheduler, "first_order", 0.0, "DDIM (eta selectable), levels of DDIMScheduler"),
-    SamplerSpec("euler", EulerDiscreteScheduler, "first_order", 0.0, "Euler, levels of EulerDiscreteScheduler"),
-    SamplerSpec("euler_ancestral", EulerAncestralDiscreteScheduler, "first_order", 1.0,
-                "Euler ancestral, levels of EulerAncestralDiscreteScheduler"),
-    SamplerSpec("dpmpp_2m", DPMSolverMultistepScheduler, "dpmpp_2m", 0.0,
-                "DPM-Solver++(2M), levels of DPMSolverMultistepScheduler"),
-)}
-SCHEDULER_SAMPLER = "scheduler"
-SAMPLER_NAMES: tuple[str, ...] = (*SAMPLERS, SCHEDULER_SAMPLER)
-# The core's own solver that mirrors each stock scheduler (used when a method needs a split).
-_MIRRORS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-            "EulerAncestralDiscreteScheduler": "euler_ancestral", "DPMSolverMultistepScheduler": "dpmpp_2m",
-            "FlowMatchEulerDiscreteScheduler": "euler"}
 
 
 @dataclass(frozen=True)
@@ -175,7 +147,7 @@ def resolve_sampler(sampler: str | None, guidance: Guidance, scheduler) -> str:
     if sampler is None:
         if not guidance.renoise_split:
             return SCHEDULER_SAMPLER
-        mirror = _MIRRORS.get(type(scheduler).__name__)
+        mirror = MIRRORS.get(type(scheduler).__name__)
         if mirror is None:
             raise ValueError(f"sampler: method {guidance.name!r} renoises with another prediction than it "
                              f"denoises with, which {type(scheduler).__name__}.step() cannot do; pass "
@@ -387,8 +359,8 @@ class _SolverRun:
                  generator, eta) -> None:
         # Flow models keep their own (flow) schedule whatever the solver; others visit the levels
         # of the stock scheduler the solver mirrors, configured like the pipeline's.
-        source = scheduler if is_flow_scheduler(scheduler) or spec.scheduler_class is None else \
-            fresh_scheduler(spec.scheduler_class, scheduler.config)
+        source = scheduler if is_flow_scheduler(scheduler) or spec.scheduler_name is None else \
+            fresh_scheduler(spec.scheduler(), scheduler.config)
         if source.config.get("clip_sample") or source.config.get("thresholding"):
             logger.warning("sampler %r: the scheduler config asks for clip_sample/thresholding of x0, which "
                            "the core's solvers do not apply (SD configs set clip_sample=False)", spec.name)

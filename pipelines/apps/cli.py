@@ -54,9 +54,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_model_directory(args.model)
     check_steps(args.steps, args.model)
-    check_run_settings(guidance, args.model, steps=args.steps, sampler=args.sampler, eta=args.eta)
     paths = cli_common.output_paths(Path(args.output), args.num_images)
     check_outputs("-o/--output", paths, args.overwrite)
+    # last: the one check that reads the model's scheduler (its config, through diffusers)
+    check_run_settings(guidance, args.model, steps=args.steps, sampler=args.sampler, eta=args.eta)
     if is_class_conditional(args.model):  # the prompt is a class: refuse text-only options before loading
         refuse_text_options(**{"--negative-prompt": args.negative_prompt, "--height": args.height,
                                 "--width": args.width})
