@@ -30,8 +30,10 @@ _EXPORTS = {
     "ChromaBranches": ".chroma",
     "GuidedQwenImagePipeline": ".qwen_image",
     "QwenImageBranches": ".qwen_image",
+    "GuidedQwenImageImg2ImgPipeline": ".qwen_image_img2img",
     "GuidedZImagePipeline": ".z_image",
     "ZImageBranches": ".z_image",
+    "GuidedZImageImg2ImgPipeline": ".z_image_img2img",
     "default_model_path": ".models",
     "load_pipeline": ".models",
 }

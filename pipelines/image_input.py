@@ -96,10 +96,15 @@ class ImageInput:
         """The strength at which the run starts from the noised image (img2img always does)."""
         return float(self.strength)
 
+    @staticmethod
+    def latent_channels(pipe) -> int:
+        """The VAE's latent channels (an input with that many channels is taken as latents)."""
+        return pipe.vae.config.latent_channels
+
     def is_latents(self, pipe) -> bool:
         """Whether the input already is latents (a tensor with the VAE's latent channels)."""
         return isinstance(self.image, torch.Tensor) and self.image.ndim == 4 \
-            and self.image.shape[1] == pipe.vae.config.latent_channels
+            and self.image.shape[1] == self.latent_channels(pipe)
 
     def pixels(self, pipe, height: int, width: int) -> torch.Tensor:
         """The image as a [-1, 1] NCHW tensor of the output size (stock preprocessing)."""
@@ -109,7 +114,7 @@ class ImageInput:
         """Scaled clean latents, one row per output image, drawn as the stock ``prepare_latents`` draws
         them (the posterior is *sampled* with ``generator``; a list gives one generator per image)."""
         pixels = pixels.to(device=device, dtype=dtype)
-        if pixels.shape[1] == pipe.vae.config.latent_channels:
+        if pixels.shape[1] == self.latent_channels(pipe):
             latents = pixels
         else:
             if isinstance(generator, list) and pixels.shape[0] < batch and batch % pixels.shape[0] == 0:
@@ -149,7 +154,7 @@ class FlowImageInput(ImageInput):
 
     def encode(self, pipe, pixels: torch.Tensor, batch: int, dtype, device, generator) -> torch.Tensor:
         pixels = pixels.to(device=device, dtype=dtype)
-        if pixels.shape[1] == pipe.vae.config.latent_channels:
+        if pixels.shape[1] == self.latent_channels(pipe):
             latents = pixels
         else:
             if isinstance(generator, list):

@@ -24,10 +24,11 @@ def pipeline_class_for(model: str | os.PathLike):
     if name == "ChromaPipeline":
         from .chroma import GuidedChromaPipeline
         return GuidedChromaPipeline
-    if name == "QwenImagePipeline":  # exactly: the edit, img2img and inpainting checkpoints are not text-to-image
+    # exactly: Qwen's edit and inpainting checkpoints hold other components; img2img ones the same
+    if name in ("QwenImagePipeline", "QwenImageImg2ImgPipeline"):
         from .qwen_image import GuidedQwenImagePipeline
         return GuidedQwenImagePipeline
-    if name == "ZImagePipeline":
+    if name in ("ZImagePipeline", "ZImageImg2ImgPipeline"):
         from .z_image import GuidedZImagePipeline
         return GuidedZImagePipeline
     if name.startswith("Flux2Klein"):

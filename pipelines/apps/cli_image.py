@@ -109,7 +109,8 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 
 #: The checkpoints each image command takes, by guided pipeline class.
 _TEXT_TO_IMAGE_SD = {"GuidedStableDiffusionPipeline", "GuidedStableDiffusionXLPipeline"}
-_IMAGE_FAMILIES = {"img2img": _TEXT_TO_IMAGE_SD | {"GuidedFluxPipeline"}, "inpainting": _TEXT_TO_IMAGE_SD,
+_IMAGE_FAMILIES = {"img2img": _TEXT_TO_IMAGE_SD | {"GuidedFluxPipeline", "GuidedQwenImagePipeline", "GuidedZImagePipeline"},
+                   "inpainting": _TEXT_TO_IMAGE_SD,
                    "editing": _TEXT_TO_IMAGE_SD}
 
 
@@ -123,7 +124,7 @@ def _check_image_family(model, inpaint: bool, edit: bool = False) -> None:
     command = "editing" if edit else "inpainting" if inpaint else "img2img"
     family = pipeline_class_for(path).__name__
     if family not in _IMAGE_FAMILIES[command]:
-        takes = "Stable Diffusion 1.x/2.x or SDXL" + (" or Flux.1" if command == "img2img" else "")
+        takes = "Stable Diffusion 1.x/2.x or SDXL" + (", Flux.1, Qwen-Image or Z-Image" if command == "img2img" else "")
         raise ValueError(f"--model: {command} needs a {takes} checkpoint here, got a {family} one ({model})")
 
 
@@ -135,16 +136,22 @@ def _image_pipeline(pipe, inpaint: bool, edit: bool = False):
     from ..xl_image import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLInpaintPipeline
 
     from ..flux import GuidedFluxImg2ImgPipeline, GuidedFluxPipeline
+    from ..qwen_image import GuidedQwenImagePipeline
+    from ..qwen_image_img2img import GuidedQwenImageImg2ImgPipeline
+    from ..z_image import GuidedZImagePipeline
+    from ..z_image_img2img import GuidedZImageImg2ImgPipeline
 
-    if isinstance(pipe, GuidedFluxPipeline) and not (inpaint or edit):
-        cls = GuidedFluxImg2ImgPipeline
+    flow_image = {GuidedFluxPipeline: GuidedFluxImg2ImgPipeline, GuidedQwenImagePipeline: GuidedQwenImageImg2ImgPipeline,
+                  GuidedZImagePipeline: GuidedZImageImg2ImgPipeline}
+    if type(pipe) in flow_image and not (inpaint or edit):
+        cls = flow_image[type(pipe)]
     elif isinstance(pipe, GuidedStableDiffusionXLPipeline):
         cls = GuidedStableDiffusionXLInpaintPipeline if inpaint else GuidedStableDiffusionXLImg2ImgPipeline
     elif isinstance(pipe, GuidedStableDiffusionPipeline):
         cls = GuidedStableDiffusionInpaintPipeline if inpaint else GuidedStableDiffusionImg2ImgPipeline
     else:
         raise ValueError(f"--model: inpainting and editing need a Stable Diffusion 1.x/2.x or SDXL checkpoint here, "
-                         f"image-to-image one of those or Flux.1; got a {type(pipe).__name__}")
+                         f"image-to-image one of those, Flux.1, Qwen-Image or Z-Image; got a {type(pipe).__name__}")
     return cls.from_pipe(pipe)
 
 
