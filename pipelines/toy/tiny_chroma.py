@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from diffusers import ChromaTransformer2DModel
 
-from .tiny_models import tiny_flux_components
+from .tiny_models import seeded_weights, tiny_flux_components
 
 __all__ = ["tiny_chroma_components"]
 
@@ -35,8 +34,7 @@ def tiny_chroma_components(seed: int = 0) -> dict[str, Any]:
         ``image_encoder`` / ``feature_extractor`` set to None (no IP-Adapter).
     """
     flux = tiny_flux_components(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_weights(seed):
         transformer = ChromaTransformer2DModel(
             patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),

@@ -22,8 +22,7 @@ Weights are drawn inside :func:`torch.random.fork_rng`: building never moves the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from tokenizers import AddedToken
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from .tiny_models import TINY_VOCAB_WORDS, bytes_to_unicode
+from .tiny_models import TINY_VOCAB_WORDS, bytes_to_unicode, seeded_weights
 
 __all__ = ["QWEN_CHAT_TEMPLATE", "QWEN_SPECIAL_TOKENS", "TINY_FLUX2_TEXT_LAYERS", "build_tiny_qwen_tokenizer",
            "tiny_flux2_klein_components"]
@@ -66,14 +65,6 @@ _SPACE = bytes_to_unicode()[ord(" ")]
 _TEXT_HIDDEN = 16
 _LATENT_CHANNELS = 2
 _VAE_CHANNELS = (8, 16)
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """The body with torch's CPU RNG seeded, the caller's RNG state restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _merged(symbols: list[str], pair: tuple[str, str]) -> list[str]:
@@ -134,12 +125,12 @@ def _tiny_qwen3(tokenizer: Qwen2TokenizerFast, seed: int) -> Qwen3ForCausalLM:
         num_hidden_layers=TINY_FLUX2_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None, tie_word_embeddings=True)
-    with _seeded(seed):
+    with seeded_weights(seed):
         return Qwen3ForCausalLM(config).eval()
 
 
 def _tiny_vae(seed: int) -> AutoencoderKLFlux2:
-    with _seeded(seed):
+    with seeded_weights(seed):
         vae = AutoencoderKLFlux2(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=_VAE_CHANNELS, layers_per_block=1,
@@ -158,7 +149,7 @@ def tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
     tokenizer = build_tiny_qwen_tokenizer()
     text_encoder = _tiny_qwen3(tokenizer, seed)
     vae = _tiny_vae(seed + 1)
-    with _seeded(seed + 2):
+    with seeded_weights(seed + 2):
         transformer = Flux2Transformer2DModel(
             patch_size=1, in_channels=4 * _LATENT_CHANNELS, num_layers=1, num_single_layers=1,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * _TEXT_HIDDEN,

@@ -56,6 +56,7 @@ __all__ = [
     "bytes_to_unicode",
     "save_tiny_sd",
     "save_tiny_sdxl",
+    "seeded_weights",
     "tiny_bpe_merges",
     "tiny_flux_components",
     "tiny_sd_components",
@@ -252,7 +253,7 @@ def build_tiny_tokenizer(directory: str | os.PathLike[str]) -> CLIPTokenizer:
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded_weights(seed: int) -> Iterator[None]:
     """Run the body with torch's CPU RNG seeded, restoring the caller's RNG state afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -289,7 +290,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPTextConfig:
 
 def _tiny_vae(seed: int) -> AutoencoderKL:
     """Two-block AutoencoderKL (scale factor 2) with 4 latent channels."""
-    with _seeded(seed):
+    with seeded_weights(seed):
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -327,7 +328,7 @@ def tiny_sd_components(
     with _tokenizer_directory(tokenizer_dir) as directory:
         tokenizer = build_tiny_tokenizer(directory)
 
-    with _seeded(seed):
+    with seeded_weights(seed):
         unet = UNet2DConditionModel(
             sample_size=TINY_LATENT_SIZE,
             in_channels=TINY_LATENT_CHANNELS,
@@ -341,7 +342,7 @@ def tiny_sd_components(
             attention_head_dim=2,
         )
     vae = _tiny_vae(seed)
-    with _seeded(seed):
+    with seeded_weights(seed):
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu"))
 
     scheduler = DDIMScheduler(
@@ -390,7 +391,7 @@ def tiny_sdxl_components(
     with _tokenizer_directory(tokenizer_dir) as directory:
         tokenizer = build_tiny_tokenizer(directory)
 
-    with _seeded(seed):
+    with seeded_weights(seed):
         unet = UNet2DConditionModel(
             sample_size=TINY_LATENT_SIZE,
             in_channels=TINY_LATENT_CHANNELS,
@@ -409,9 +410,9 @@ def tiny_sdxl_components(
             projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED_DIM + _TEXT_PROJECTION,
         )
     vae = _tiny_vae(seed)
-    with _seeded(seed):
+    with seeded_weights(seed):
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu"))
-    with _seeded(seed):
+    with seeded_weights(seed):
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu"))
 
     scheduler = EulerDiscreteScheduler(
@@ -493,14 +494,14 @@ def tiny_sd3_components(seed: int = 0, tokenizer_dir: str | os.PathLike[str] | N
 
     with _tokenizer_directory(tokenizer_dir) as directory:
         tokenizer = build_tiny_tokenizer(directory)
-    with _seeded(seed):
+    with seeded_weights(seed):
         transformer = SD3Transformer2DModel(
             sample_size=TINY_LATENT_SIZE, patch_size=1, in_channels=TINY_LATENT_CHANNELS, num_layers=1,
             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
             pooled_projection_dim=64, out_channels=TINY_LATENT_CHANNELS, pos_embed_max_size=32)
-    with _seeded(seed + 1):
+    with seeded_weights(seed + 1):
         text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu"))
-    with _seeded(seed + 2):
+    with seeded_weights(seed + 2):
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu"))
     vae = _tiny_vae(seed)
     vae.register_to_config(shift_factor=0.0)  # SD3 decodes latents / scaling_factor + shift_factor
@@ -526,7 +527,7 @@ def tiny_dit_components(num_classes: int = 1000, learned_sigma: bool = True, see
     depends on the class."""
     from diffusers import DDIMScheduler, Transformer2DModel
 
-    with _seeded(seed):
+    with seeded_weights(seed):
         transformer = Transformer2DModel(
             num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
             num_layers=2, sample_size=16, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=num_classes,
@@ -552,19 +553,19 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True,
 
     with _tokenizer_directory(tokenizer_dir) as directory:
         tokenizer = build_tiny_tokenizer(directory)
-    with _seeded(seed):
+    with seeded_weights(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=_TEXT_HIDDEN,
             guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
-    with _seeded(seed + 1):
+    with seeded_weights(seed + 1):
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="quick_gelu"))
-    with _seeded(seed + 2):
+    with seeded_weights(seed + 2):
         text_encoder_2 = T5EncoderModel(T5Config(
             vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
             relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
-    with _seeded(seed):
+    with seeded_weights(seed):
         vae = AutoencoderKL(
             in_channels=3, out_channels=3,
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),

@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                        QwenImageTransformer2DModel)
 from tokenizers import AddedToken
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from .tiny_models import TINY_VOCAB_WORDS, bytes_to_unicode
+from .tiny_models import TINY_VOCAB_WORDS, bytes_to_unicode, seeded_weights
 
 __all__ = ["QWEN_IMAGE_SPECIAL_TOKENS", "TINY_QWEN_WORDS", "bpe_merges", "build_tiny_qwen_image_tokenizer",
            "save_tiny_qwen_image", "tiny_qwen_image_components"]
@@ -54,14 +52,6 @@ TINY_QWEN_WORDS: tuple[str, ...] = tuple(dict.fromkeys(_TEMPLATE_WORDS + TINY_VO
 
 _TEXT_HIDDEN = 16
 _LATENT_CHANNELS = 4
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """The body with torch's CPU RNG seeded, the caller's RNG state restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _merged(symbols: list[str], pair: tuple[str, str]) -> list[str]:
@@ -135,7 +125,7 @@ def _text_encoder(tokenizer: Qwen2Tokenizer, seed: int) -> Qwen2_5_VLForConditio
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                        "out_hidden_size": _TEXT_HIDDEN},
     )
-    with _seeded(seed):
+    with seeded_weights(seed):
         return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
@@ -150,12 +140,12 @@ def tiny_qwen_image_components(seed: int = 0, layers: int = 1, guidance_embeds: 
             models; the stock pipeline then requires ``guidance_scale``).
     """
     tokenizer = build_tiny_qwen_image_tokenizer()
-    with _seeded(seed):
+    with seeded_weights(seed):
         transformer = QwenImageTransformer2DModel(
             patch_size=2, in_channels=4 * _LATENT_CHANNELS, out_channels=_LATENT_CHANNELS, num_layers=layers,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=_TEXT_HIDDEN,
             guidance_embeds=guidance_embeds, axes_dims_rope=(8, 4, 4))
-    with _seeded(seed + 1):
+    with seeded_weights(seed + 1):
         vae = AutoencoderKLQwenImage(
             base_dim=8, z_dim=_LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
