@@ -39,15 +39,26 @@ class ChromaBranches(TransformerBranches):
     (tokens, 3) block per image, so that row subsets and particle repeats treat them as the rest
     of the conditioning); the image positions ``img_ids`` are shared. Branches run in separate
     forwards, the conditional first, as the stock pipeline runs its CFG
-    (:class:`TransformerBranches`); the blocks take no alteration (PAG, SEG, SLG, TSG are refused)."""
+    (:class:`TransformerBranches`)."""
 
     family = "GuidedChromaPipeline"
+    # PAG's identity attention (on top of the model's text padding mask) and SEG's blurred queries
+    # on double- and single-stream attention, skipped blocks (SLG), TSG's noise on the time
+    # embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip"})
+    time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
                  joint_attention_kwargs: dict[str, Any] | None = None, providers: Any = None,
                  networks: Any = None) -> None:
         super().__init__(model, conditions, joint_attention_kwargs, providers=providers, networks=networks)
         self.img_ids = img_ids
+
+    def time_embeddings(self, model) -> list[Any]:
+        """TSG's noise goes on the output of Chroma's approximator (``distilled_guidance_layer``):
+        the MLP that maps the time step (and nothing else: Chroma has no pooled text or guidance
+        embedding) to every block's modulation, in place of Flux's time-step MLP."""
+        return [model.distilled_guidance_layer]
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
@@ -56,10 +67,11 @@ class ChromaBranches(TransformerBranches):
             self.check_alterations(branch)
         rows, _, height, width = x_in.shape
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000,
-                    encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids")[0],
-                    img_ids=self.img_ids, attention_mask=stacked("attention_mask"),
-                    joint_attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
+        with self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches after the text
+            out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000,
+                        encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids")[0],
+                        img_ids=self.img_ids, attention_mask=stacked("attention_mask"),
+                        joint_attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
         return unpack_latents(out, height, width)
 
 

@@ -39,8 +39,8 @@ class TransformerBranches(NetworkBranches):
     ``separate_forwards``: each branch in a forward of its own, ``first`` (the conditional) first,
     as the stock pipelines of these families run their CFG (a batched forward differs from single
     ones by float rounding, ~1e-7 on CPU); False batches the branches into one forward as the
-    UNet families do. Perturbed attention, skipped blocks, time-embedding noise and attention
-    probes are not available on these blocks yet: they are refused before any model call."""
+    UNet families do. A family names the alterations its blocks take (``perturbations``,
+    ``time_noise``); the others, and attention probes (SAG), are refused before any model call."""
 
     family: str = "this pipeline"
     separate_forwards: bool = True

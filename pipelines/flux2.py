@@ -26,6 +26,8 @@ from . import conditions
 from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import TransformerBranches, negative_prompt_texts, packed_callback
 from .messages import PromptTruncatedWarning
+from .perturbation import ImageTokens
+from .row_plan import image_tokens
 
 __all__ = ["Flux2Branches", "GuidedFlux2KleinPipeline", "pack_latents", "unpack_latents"]
 
@@ -54,6 +56,11 @@ class Flux2Branches(TransformerBranches):
     pipeline runs its CFG (:class:`TransformerBranches`)."""
 
     family = "GuidedFlux2KleinPipeline"
+    # PAG's identity attention and SEG's blurred queries on double- and single-stream attention
+    # (the latents' tokens; reference-image tokens are conditioning, as the text), skipped blocks
+    # (SLG), TSG's noise on the time-step embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip"})
+    time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
                  reference_tokens: torch.Tensor | None = None, attention_kwargs: dict[str, Any] | None = None,
@@ -61,6 +68,11 @@ class Flux2Branches(TransformerBranches):
         super().__init__(model, conditions, attention_kwargs, providers=providers, networks=networks)
         self.img_ids = img_ids
         self.reference_tokens = reference_tokens
+
+    def time_embeddings(self, model) -> list[Any]:
+        """TSG's noise goes on the time-step MLP's output, before a guidance embedding is added and
+        the modulations are computed from it."""
+        return [model.time_guidance_embed.timestep_embedder]
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
@@ -72,10 +84,13 @@ class Flux2Branches(TransformerBranches):
         if self.reference_tokens is not None:  # after the latents' tokens, as the stock input
             tokens = torch.cat([tokens, self.reference_tokens.expand(rows, -1, -1)], dim=1)
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        out = model(hidden_states=tokens.to(model.dtype), timestep=timestep / 1000, guidance=None,
-                    encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids"),
-                    img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs,
-                    return_dict=False)[0]
+        # The latents are patchified already: one token per latent position, then the references'.
+        layout = ImageTokens(height, width, context=tokens.shape[1] - height * width)
+        with self.altered(model, x_in, spans), image_tokens(layout):
+            out = model(hidden_states=tokens.to(model.dtype), timestep=timestep / 1000, guidance=None,
+                        encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids"),
+                        img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False)[0]
         return unpack_latents(out[:, :height * width], height, width)
 
 

@@ -63,26 +63,38 @@ class QwenImageBranches(TransformerBranches):
     guidance-distilled model, the embedded guidance value per row (``guidance``); ``img_shape``
     is one image's (frames, token rows, token columns), the rotary positions' grid. Branches run
     in separate forwards, the conditional first, as the stock pipeline runs its true CFG
-    (:class:`TransformerBranches`). Every alteration of its blocks (perturbed attention, skipped
-    blocks, time noise, attention probes) is refused before the run, so the rows reach the
-    transformer unaltered."""
+    (:class:`TransformerBranches`)."""
 
     family = "GuidedQwenImagePipeline"
+    # PAG's identity attention (with the text padding mask) and SEG's blurred queries on the joint
+    # attention, skipped blocks (SLG), TSG's noise on the time-step embedding; SAG's map is not
+    # available.
+    perturbations = frozenset({"identity", "blur", "skip"})
+    time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_shape: tuple[int, int, int],
                  attention_kwargs: dict[str, Any] | None = None, providers: Any = None, networks: Any = None) -> None:
         super().__init__(model, conditions, attention_kwargs, providers=providers, networks=networks)
         self.img_shape = img_shape
 
+    def time_embeddings(self, model) -> list[Any]:
+        """TSG's noise goes on the time-step MLP's output, before the additional time condition
+        (``use_additional_t_cond``) is added to it."""
+        return [model.time_text_embed.timestep_embedder]
+
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
         model = self.model if model is None else model
+        for _, _, branch in spans:
+            self.check_alterations(branch)
         rows, _, height, width = x_in.shape
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
-                    encoder_hidden_states_mask=stacked(MASK_KEY),
-                    encoder_hidden_states=stacked("encoder_hidden_states"), img_shapes=[[self.img_shape]] * rows,
-                    attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
+        with self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches, the image stream
+            out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
+                        encoder_hidden_states_mask=stacked(MASK_KEY),
+                        encoder_hidden_states=stacked("encoder_hidden_states"),
+                        img_shapes=[[self.img_shape]] * rows, attention_kwargs=self.cross_attention_kwargs or {},
+                        return_dict=False)[0]
         return unpack_latents(out, height, width)
 
 

@@ -13,6 +13,10 @@ other call (a plain CFG run, a stock pipeline sharing the components) computes w
 before; with one they alter the plan's rows only. Nothing is swapped per call, so there is
 nothing to restore when a forward raises, and concurrent calls on one pipeline cannot see each
 other's alterations.
+
+A flow transformer's branch model also says, with :func:`image_tokens`, where the generated
+image's tokens sit in its sequences (an :class:`~.perturbation.ImageTokens`), when they are not
+Flux's 2 x 2 latent patches alone in the image stream.
 """
 
 from __future__ import annotations
@@ -29,15 +33,16 @@ import torch
 from torch import nn
 
 from .attention_probe import record_attention
-from .perturbation import perturbed_rows, skipping_forward
+from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 
-__all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "install_block",
+__all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "image_tokens", "install_block",
            "install_processor", "install_time_hook", "original_processor", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
 
 _PLAN: ContextVar["RowPlan | None"] = ContextVar("guidance_engine_row_plan", default=None)
+_TOKENS: ContextVar[ImageTokens | None] = ContextVar("guidance_engine_image_tokens", default=None)
 _INSTALL = threading.Lock()
 _TIME_HOOKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -78,6 +83,17 @@ def active(plan: RowPlan) -> Iterator[RowPlan]:
         _PLAN.reset(token)
 
 
+@contextlib.contextmanager
+def image_tokens(layout: ImageTokens) -> Iterator[ImageTokens]:
+    """``layout``: where the image tokens sit in the sequences of the forward run inside (this
+    context only; reset on exit)."""
+    token = _TOKENS.set(layout)
+    try:
+        yield layout
+    finally:
+        _TOKENS.reset(token)
+
+
 # --------------------------------------------------------------------------- attention layers
 class PlanProcessor:
     """An attention layer's processor behind a dispatcher: the layer's own processor
@@ -103,7 +119,7 @@ class PlanProcessor:
                 record_attention(attn, hidden_states, kwargs, plan.probes[attn], plan.latent_hw)
             if attn in plan.attention:
                 return perturbed_rows(self.original, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                      kwargs, plan.attention[attn], plan.latent_hw)
+                                      kwargs, plan.attention[attn], plan.latent_hw, _TOKENS.get())
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **kwargs)
         return self.original(attn, hidden_states, *args, **kwargs)

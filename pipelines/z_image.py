@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from diffusers import ZImagePipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
 from guidance_engine.guidance import Guidance
@@ -27,6 +28,8 @@ from . import conditions
 from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import TransformerBranches, negative_prompt_texts
 from .messages import PromptTruncatedWarning
+from .perturbation import ImageTokens
+from .row_plan import image_tokens
 
 __all__ = ["GuidedZImagePipeline", "ZImageBranches", "pad_texts", "unpad_texts"]
 
@@ -90,6 +93,11 @@ class ZImageBranches(TransformerBranches):
 
     family = "GuidedZImagePipeline"
     separate_forwards = False
+    # PAG's identity attention (with the model's padding mask) and SEG's blurred queries on the
+    # image tokens of the main layers and the image refiner, skipped blocks (SLG), TSG's noise on
+    # the time-step embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip"})
+    time_noise = True
 
     def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor,
                   requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = ()
@@ -99,6 +107,11 @@ class ZImageBranches(TransformerBranches):
         ordered = sorted(requests, key=lambda request: request[0] != self.first)
         return super()._evaluate(model, x, timestep, ordered, probes)
 
+    def time_embeddings(self, model) -> list[Any]:
+        """TSG's noise goes on the time-step MLP's output (``t_embedder``: the modulation input of
+        every block and of the final layer)."""
+        return [model.t_embedder]
+
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
         model = self.model if model is None else model
@@ -107,7 +120,12 @@ class ZImageBranches(TransformerBranches):
         captions = unpad_texts(stacked(TEXT_KEY), stacked(LENGTH_KEY))
         t = (TRAIN_TIMESTEPS - timestep.expand(x_in.shape[0])) / TRAIN_TIMESTEPS  # as the stock loop
         latents = list(x_in.to(model.dtype).unsqueeze(2).unbind(0))  # (C, 1, H, W) per sample
-        out = model(latents, t, captions, joint_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+        # The image first in every sequence: its 2 x 2 patches, padded to a multiple of SEQ_MULTI_OF tokens.
+        rows, columns = x_in.shape[-2] // 2, x_in.shape[-1] // 2
+        layout = ImageTokens(rows, columns, padding=-(rows * columns) % SEQ_MULTI_OF)
+        with self.altered(model, x_in, spans), image_tokens(layout):
+            out = model(latents, t, captions, joint_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
 
 

@@ -91,7 +91,8 @@ def _dit():
 
 
 #: Layer-level methods on the tiny transformers: block 0 (the family defaults 7, 8, 9 do not exist there).
-TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "DiT": [0]}
+TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "Flux.2 Klein": [0], "Chroma": [0], "Qwen-Image": [0], "Z-Image": [0],
+               "DiT": [0]}
 
 FAMILIES: dict[str, Callable[[], tuple[Any, str, dict[str, Any]]]] = {
     "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 Klein": _flux2_klein,

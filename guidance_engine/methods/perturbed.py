@@ -33,10 +33,11 @@ from ..prediction import Prediction
 from ..registry import resolve_guidance
 
 _LAYER_NAME = re.compile(r"^(mid|down|up|mid_block|down_blocks|up_blocks|transformer_blocks|single|double"
-                         r"|single_transformer_blocks)(\.[A-Za-z0-9_]+)*$")
+                         r"|single_transformer_blocks|refiner|layers|noise_refiner)(\.[A-Za-z0-9_]+)*$")
 LAYERS_ACCEPTED = ("block names ('mid', 'down', 'up', 'down.<i>', 'up.<i>.attentions.<j>', a module path prefix) "
-                   "or transformer block indices (7, 8, 9; on Flux 'single.<i>' for its single-stream blocks), "
-                   "as a list or a comma-separated string; None: the model family's default")
+                   "or transformer block indices (7, 8, 9; 'single.<i>' for the single-stream blocks of Flux.1, "
+                   "Chroma and Flux.2, 'refiner.<i>' for Z-Image's image refiner), as a list or a comma-separated "
+                   "string; None: the model family's default")
 
 
 def perturbed_guidance(cond: torch.Tensor, uncond: torch.Tensor | None, perturbed: torch.Tensor | None,
