@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .perturbation import token_grid, take_rows, self_attention_tokens
+from .perturbation import self_attention_tokens, take_rows
+from .query_blur import token_grid
 
 __all__ = ["record_attention"]
 
