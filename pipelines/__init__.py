@@ -26,6 +26,8 @@ _EXPORTS = {
     "FluxBranches": ".flux",
     "GuidedFlux2KleinPipeline": ".flux2",
     "Flux2Branches": ".flux2",
+    "GuidedFlux2Pipeline": ".flux2_dev",
+    "Flux2DevBranches": ".flux2_dev",
     "GuidedChromaPipeline": ".chroma",
     "ChromaBranches": ".chroma",
     "GuidedQwenImagePipeline": ".qwen_image",

@@ -34,9 +34,12 @@ def pipeline_class_for(model: str | os.PathLike):
     if name.startswith("Flux2Klein"):
         from .flux2 import GuidedFlux2KleinPipeline
         return GuidedFlux2KleinPipeline
+    if name == "Flux2Pipeline":  # exactly: other Flux2* pipelines hold other components
+        from .flux2_dev import GuidedFlux2Pipeline
+        return GuidedFlux2Pipeline
     if name.startswith(("Flux2", "QwenImage", "Chroma", "ZImage")):  # a variant of a family not run yet
         raise ValueError(f"model: {model} is a {name} checkpoint, which the engine does not run yet; text-to-image "
-                         "checkpoints of Flux.1, Flux.2 Klein, Chroma, Qwen-Image, Z-Image, SD 1.x/2.x, SDXL, SD3 and "
+                         "checkpoints of Flux.1, Flux.2 [dev], Flux.2 Klein, Chroma, Qwen-Image, Z-Image, SD 1.x/2.x, SDXL, SD3 and "
                          "DiT are taken")
     if "Flux" in name:
         from .flux import GuidedFluxPipeline
