@@ -58,6 +58,14 @@ def _flux2_klein():
         "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 32}
 
 
+def _flux2_dev():
+    from guidance_engine.pipelines import GuidedFlux2Pipeline
+    from guidance_engine.pipelines.toy.tiny_flux2_dev import tiny_flux2_dev_components
+
+    return GuidedFlux2Pipeline(**tiny_flux2_dev_components(0)), "transformer", {
+        "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 64}
+
+
 def _chroma():
     from guidance_engine.pipelines import GuidedChromaPipeline
     from guidance_engine.pipelines.toy.tiny_chroma import tiny_chroma_components
@@ -91,11 +99,11 @@ def _dit():
 
 
 #: Layer-level methods on the tiny transformers: block 0 (the family defaults 7, 8, 9 do not exist there).
-TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "Flux.2 Klein": [0], "Chroma": [0], "Qwen-Image": [0], "Z-Image": [0],
-               "DiT": [0]}
+TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "Flux.2 [dev]": [0], "Flux.2 Klein": [0], "Chroma": [0], "Qwen-Image": [0],
+               "Z-Image": [0], "DiT": [0]}
 
 FAMILIES: dict[str, Callable[[], tuple[Any, str, dict[str, Any]]]] = {
-    "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 Klein": _flux2_klein,
+    "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 [dev]": _flux2_dev, "Flux.2 Klein": _flux2_klein,
     "Chroma": _chroma, "Qwen-Image": _qwen_image, "Z-Image": _z_image, "DiT": _dit}
 
 
