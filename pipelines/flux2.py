@@ -87,7 +87,8 @@ class Flux2Branches(TransformerBranches):
         # The latents are patchified already: one token per latent position, then the references'.
         layout = ImageTokens(height, width, context=tokens.shape[1] - height * width)
         with self.altered(model, x_in, spans), image_tokens(layout):
-            out = model(hidden_states=tokens.to(model.dtype), timestep=timestep / 1000, guidance=None,
+            # the embedded guidance of a guidance-distilled model (Flux.2 [dev]); Klein has none (None)
+            out = model(hidden_states=tokens.to(model.dtype), timestep=timestep / 1000, guidance=stacked("guidance"),
                         encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids"),
                         img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs,
                         return_dict=False)[0]
@@ -208,6 +209,22 @@ class GuidedFlux2KleinPipeline(GuidedPipelineMixin, Flux2KleinPipeline):
         if own_negative is not None:
             conditions.add_negative_branch(branches, self.prompt_condition(*own_negative, **text))
 
+        return self.sample_and_decode(
+            branches, guide, shape, device=device, generator=generator, latents=latents,
+            num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
+            particle_output=particle_output, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
+            return_dict=return_dict, warnings=cut)
+
+    def sample_and_decode(self, branches: Flux2Branches, guide, shape: tuple[int, ...], *, device, generator,
+                          latents: torch.Tensor | None, num_inference_steps: int, sigmas, sampler: str | None,
+                          eta: float | None, particle_output: str, callback_on_step_end,
+                          callback_on_step_end_tensor_inputs: list[str], output_type: str, return_dict: bool,
+                          warnings: list[str]) -> GuidedPipelineOutput | tuple:
+        """The rest of a Flux.2 call once its branches are built (Klein and [dev] alike): the stock
+        schedule (``linspace(1, 1/n, n)`` with the empirical ``mu``), the core run (callbacks see
+        the latents as tokens), the family's decoding."""
+        latent_h, latent_w = shape[-2:]
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if getattr(self.scheduler.config, "use_flow_sigmas", False):
@@ -229,7 +246,7 @@ class GuidedFlux2KleinPipeline(GuidedPipelineMixin, Flux2KleinPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
-        return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
+        return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=warnings)
 
     def klein_guidance(self, guidance: GuidanceSpec, guidance_scale: float | None):
         """The method of a call. ``guidance=None`` is the stock recipe: CFG at ``guidance_scale``

@@ -21,50 +21,27 @@ import numbers
 import warnings
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from diffusers import Flux2Pipeline
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, format_input
+from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
 from guidance_engine.guidance import Guidance
 
 from . import conditions
 from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
-from .flow_transformer import negative_prompt_texts, packed_callback
-from .flux2 import Flux2Branches, GuidedFlux2KleinPipeline, pack_latents, unpack_latents
+from .flow_transformer import negative_prompt_texts
+from .flux2 import Flux2Branches, GuidedFlux2KleinPipeline, pack_latents
 from .messages import PromptTruncatedWarning
-from .perturbation import ImageTokens
-from .row_plan import image_tokens
 
 __all__ = ["Flux2DevBranches", "GuidedFlux2Pipeline"]
 
 
 class Flux2DevBranches(Flux2Branches):
     """The branch model over a guidance-distilled Flux.2 transformer: :class:`Flux2Branches` whose
-    conditions also hold the embedded guidance value per row (``guidance``, float32), passed to
-    every forward as the stock [dev] pipeline passes it."""
+    conditions also hold the embedded guidance value per row (``guidance``, float32), which its
+    forward passes on as the stock [dev] pipeline passes it."""
 
     family = "GuidedFlux2Pipeline"
-
-    def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
-                spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
-        # Flux2Branches.forward with guidance=stacked("guidance") in place of guidance=None
-        model = self.model if model is None else model
-        for _, _, branch in spans:
-            self.check_alterations(branch)
-        rows, _, height, width = x_in.shape
-        tokens = pack_latents(x_in)
-        if self.reference_tokens is not None:  # after the latents' tokens, as the stock input
-            tokens = torch.cat([tokens, self.reference_tokens.expand(rows, -1, -1)], dim=1)
-        timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        layout = ImageTokens(height, width, context=tokens.shape[1] - height * width)
-        with self.altered(model, x_in, spans), image_tokens(layout):
-            out = model(hidden_states=tokens.to(model.dtype), timestep=timestep / 1000, guidance=stacked("guidance"),
-                        encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids"),
-                        img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs,
-                        return_dict=False)[0]
-        return unpack_latents(out[:, :height * width], height, width)
 
 
 class GuidedFlux2Pipeline(GuidedPipelineMixin, Flux2Pipeline):
@@ -90,6 +67,7 @@ class GuidedFlux2Pipeline(GuidedPipelineMixin, Flux2Pipeline):
     reference_images = GuidedFlux2KleinPipeline.reference_images
     image_inputs = GuidedFlux2KleinPipeline.image_inputs
     prompt_condition = GuidedFlux2KleinPipeline.prompt_condition
+    sample_and_decode = GuidedFlux2KleinPipeline.sample_and_decode
 
     @torch.no_grad()
     def __call__(
@@ -200,28 +178,12 @@ class GuidedFlux2Pipeline(GuidedPipelineMixin, Flux2Pipeline):
             conditions.add_negative_branch(branches, {**self.prompt_condition(*own_negative, **text),
                                                       "guidance": embedded})
 
-        if sigmas is None:
-            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if getattr(self.scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = compute_empirical_mu(image_seq_len=latent_h * latent_w, num_steps=num_inference_steps)
-        if callback_on_step_end is not None:
-            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-                callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-            callback_on_step_end = packed_callback(callback_on_step_end, latent_h, latent_w,
-                                                   pack=pack_latents, unpack=unpack_latents)
-        dtype = branches.conditions["cond"]["encoder_hidden_states"].dtype
-        latents, nfe_per_image, state = self.denoise(
-            branches, guide, shape, dtype=dtype, device=device, generator=generator, latents=latents,
-            particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
-            timesteps=None, sigmas=sigmas, eta=eta, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")}, set_timesteps_kwargs={"mu": mu})
-        image = self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return self.guided_output(image, nfe_per_image, state, guide, sampler, warnings=cut)
+        return self.sample_and_decode(
+            branches, guide, shape, device=device, generator=generator, latents=latents,
+            num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
+            particle_output=particle_output, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
+            return_dict=return_dict, warnings=cut)
 
     @staticmethod
     def check_embedded_scale(guidance_scale: Any) -> None:
