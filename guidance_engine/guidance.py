@@ -48,7 +48,7 @@ def describe_range(meta: Mapping[str, Any]) -> str:
     return f"{left}{lo}, {hi}{right}"
 
 
-PERTURBATION_KINDS: tuple[str, ...] = ("identity", "blur", "skip")
+PERTURBATION_KINDS: tuple[str, ...] = ("identity", "blur", "skip", "extrapolate")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class Perturbation:
 
     ``kind``: "identity" replaces self-attention by the identity map (its output is the value
     projection: PAG), "blur" blurs the queries with a Gaussian of std ``sigma`` tokens over the
-    image grid (``inf``: their mean; SEG), "skip" skips whole transformer blocks (SLG/STG).
+    image grid (``inf``: their mean; SEG), "skip" skips whole transformer blocks (SLG/STG),
+    "extrapolate" moves cross-attention outputs away from another condition's context
+    (:class:`ContextExtrapolation`, NAG).
     ``layers``: where, as block names ("mid", "down.1", "up.0.attentions.1") or transformer block
     indices (7, 8, 9); None is the model family's default. The pipeline resolves the names against
     its network (ValueError before any model call when they select nothing).
@@ -73,6 +75,29 @@ class Perturbation:
                              f"got {self.kind!r}")
         if not self.sigma > 0:
             raise ValueError(f"perturbation: sigma must be > 0 (inf: the mean of the queries), got {self.sigma!r}")
+
+
+@dataclass(frozen=True)
+class ContextExtrapolation(Perturbation):
+    """An alteration of cross-attention by a second context: in each chosen layer the branch's
+    queries attend to their own context (``positive``) and to the context of branch ``context``
+    (``negative``, e.g. the negative prompt's), and :meth:`extrapolate` (the method's formula,
+    NAG's) makes the layer's output from the two, before its output projection. ``layers`` None:
+    every cross-attention layer."""
+
+    kind: str = "extrapolate"
+    context: str = "uncond"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind != "extrapolate":
+            raise ValueError(f"perturbation: a ContextExtrapolation has kind 'extrapolate', got {self.kind!r}")
+
+    def extrapolate(self, positive: torch.Tensor, negative: torch.Tensor, attention: str) -> torch.Tensor:
+        """The layer's attention output (tokens x channels per row, before the output projection)
+        from the outputs under the branch's own context and under ``context``'s. ``attention``: the
+        kind of layer ("cross": a UNet's cross-attention), for defaults that depend on it."""
+        raise NotImplementedError
 
 
 class Branch(str):

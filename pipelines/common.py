@@ -15,7 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidance_engine.guidance import Guidance, Perturbation
+from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, Perturbation
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SampleResult, StartImage, StepRecord, sample
 from guidance_engine.samplers.loop import check_run
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .image_input import ImageInput
 
 from . import conditions
+from .context_attention import BoundContext
 from .messages import PromptTruncatedWarning
 from .perturbation import resolve_layers
 from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook, original_processor
@@ -94,7 +95,7 @@ class NetworkBranches:
         self.providers = dict(providers or {})
         # Other networks taking the same conditioning (autoguidance's reference model), by name.
         self.networks = {name: net for name, net in (networks or {}).items() if net is not None}
-        self._layers: dict[tuple[int, Perturbation], list] = {}  # resolved perturbation layers
+        self._layers: dict[tuple, list] = {}  # resolved perturbation layers
 
     def _condition(self, name: str) -> dict[str, torch.Tensor]:
         if name in self.conditions:
@@ -112,7 +113,7 @@ class NetworkBranches:
 
     def layers(self, model, perturbation: Perturbation, owner: str = "guidance") -> list:
         """The modules of ``model`` that ``perturbation`` alters (resolved once per call)."""
-        key = (id(model), perturbation)
+        key = (id(model), perturbation.kind, perturbation.layers)  # what resolve_layers reads
         if key not in self._layers:
             layers = resolve_layers(model, perturbation, owner)
             for name, module in layers:
@@ -189,10 +190,10 @@ class NetworkBranches:
                 return None
             return torch.cat([rows_of(c[key], rows) for c, rows in parts])
 
-        spans, start = [], 0  # rows that a Branch alters (TSG's time embedding, PAG/SEG/SLG layers)
-        for (name, _), part in zip(requests, xs):
+        spans, start = [], 0  # rows that a Branch alters (TSG's time embedding, PAG/SEG/SLG/NAG layers)
+        for (name, rows), part in zip(requests, xs):
             if getattr(name, "time_noise", 0.0) > 0 or getattr(name, "perturb", None) is not None:
-                spans.append((start, start + len(part), name))
+                spans.append((start, start + len(part), self._bind_context(name, rows)))
             spans += [(start, start + len(part), probe) for probe in probes if probe.base == name]
             start += len(part)
         out = self.forward(x_in, timestep, stacked, spans, model=model)
@@ -201,6 +202,17 @@ class NetworkBranches:
         if all(rows is None for _, rows in parts):
             return dict(zip(names, out.chunk(len(parts))))  # the stock pipelines' split, bit for bit
         return dict(zip(names, out.split([len(part) for part in xs])))
+
+    def _bind_context(self, branch, rows: torch.Tensor | None):
+        """``branch``, with a second context bound to its rows when its alteration reads one (a
+        :class:`~guidance_engine.guidance.ContextExtrapolation`: that branch's conditioning)."""
+        spec = getattr(branch, "perturb", None)
+        if not isinstance(spec, ContextExtrapolation):
+            return branch
+        context = {key: value if rows is None else value[rows] for key, value in self._condition(spec.context).items()
+                   if isinstance(value, torch.Tensor)}
+        return Branch(branch, base=branch.base, time_noise=branch.time_noise, generator=branch.generator,
+                      perturb=BoundContext(spec, context), network=branch.network, probe=branch.probe)
 
     def time_embeddings(self, model) -> list[Any]:
         """The modules whose output is the time-step embedding TSG perturbs (a UNet's MLP)."""

@@ -41,6 +41,7 @@ from torch import nn
 
 from guidance_engine.guidance import Perturbation
 
+from .context_attention import BoundContext, extrapolated_cross_attention, is_cross_attention
 from .flow_attention import (ImageTokens, call_processor, flow_layout, flux_identity_mask, identity_mask,
                              packed_tokens, perturbed_flow_attention)
 from .query_blur import gaussian_blur_queries, token_grid
@@ -118,6 +119,8 @@ def _is_joint_attention(module: nn.Module) -> bool:
 
 def _candidates(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
     stacks = tuple(block_stacks(model).values())
+    if kind == "extrapolate":  # cross-attention to the text context (a UNet's attn2)
+        return [(name, module) for name, module in model.named_modules() if is_cross_attention(module)]
     if kind == "skip":  # the members of every `transformer_blocks` stack and of the model's block stacks
         members = []
         for name, module in model.named_modules():
@@ -157,12 +160,15 @@ def resolve_layers(model: nn.Module, perturbation: Perturbation, owner: str = "g
     transformer blocks ("skip"). ValueError naming ``layers``, what is accepted and what was
     received when a name selects nothing or the layers cannot take the perturbation."""
     family = model_family(model)
-    layers = perturbation.layers if perturbation.layers is not None else DEFAULT_LAYERS[family]
     candidates = _candidates(model, perturbation.kind)
     if not candidates:
-        what = "transformer blocks" if perturbation.kind == "skip" else "self-attention or joint-attention layers"
+        what = {"skip": "transformer blocks", "extrapolate": "cross-attention layers (text keys and values)"}.get(
+            perturbation.kind, "self-attention or joint-attention layers")
         raise ValueError(f"{owner}: perturbation {perturbation.kind!r} needs {what}; "
                          f"{type(model).__name__} has none")
+    if perturbation.layers is None and perturbation.kind == "extrapolate":
+        return candidates  # every cross-attention layer, as the authors' pipelines
+    layers = perturbation.layers if perturbation.layers is not None else DEFAULT_LAYERS[family]
     chosen: dict[str, nn.Module] = {}
     for layer in layers:
         if isinstance(layer, int) and family != "transformer":
@@ -321,7 +327,11 @@ def perturbed_rows(original: Callable, attn, hidden_states: torch.Tensor, encode
     joint = encoder_hidden_states is not None and (_is_joint_attention(attn) or flow)
     for start, end, perturbation in segments:
         rows = slice(start, end)
-        if flow:
+        if isinstance(perturbation, BoundContext):
+            parts.append((rows, extrapolated_cross_attention(
+                attn, hidden_states[rows], encoder_hidden_states[rows], perturbation,
+                take_rows(attention_mask, rows, batch), take_rows(kwargs.get("temb"), rows, batch))))
+        elif flow:
             parts.append((rows, perturbed_flow_attention(
                 original, attn, hidden_states[rows], take_rows(encoder_hidden_states, rows, batch),
                 take_rows(attention_mask, rows, batch), take_rows(kwargs, rows, batch), perturbation,

@@ -11,6 +11,7 @@ from .cfgpp import CFGPlusPlus
 from .fdg import FDG
 from .linear_ag import LinearAG
 from .mambo_g import MAMBOG
+from .nag import NAG
 from .perp_neg import PerpNeg
 from .renorm_cfg import RenormCFG
 from .tcfg import TCFG
@@ -24,4 +25,4 @@ from .seg import SEG
 from .slg import SLG
 
 __all__ = ["AdaptiveGuidance", "APG", "APGMix", "AutoGuidance", "CFG", "CFGPlusPlus", "CFGRenorm", "CFGZeroStar", "FDG", "FKC", "GFCG", "ICG", "LinearAG",
-           "MAMBOG", "PAG", "PerpNeg", "RenormCFG", "SAG", "SEG", "SLG", "TCFG", "TSG"]
+           "MAMBOG", "NAG", "PAG", "PerpNeg", "RenormCFG", "SAG", "SEG", "SLG", "TCFG", "TSG"]
