@@ -20,8 +20,20 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from .prediction import Prediction
+from .schedules import SCHEDULE_NAMES, Constant, Custom, Schedule, as_schedule
 
-SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+#: the schedules a string can name (each may take keyword arguments: see :mod:`.schedules`)
+SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
+
+
+def schedule_param(default: Any = "constant") -> Any:
+    """The ``schedule`` field: a name such as "linear" or "beta(a=2, b=3)", a Schedule, a list of
+    per-step values or a callable (validated by :func:`~.schedules.as_schedule`, not a ``param``)."""
+    return field(default=default, metadata={
+        "doc": "how the strength varies over the run: " + ", ".join(SCHEDULE_NAMES) + " (with arguments, e.g. "
+               "'clamp_linear(floor=5)', 'power_cosine(power=2)', 'beta(a=2, b=3)', 'explicit(values=[7.5, 7])', "
+               "'phases(timesteps=[875], values=[3])'), a list of per-step values or a callable of the progress",
+        "schedule": True})
 
 
 def param(default: Any, *, low: float | None = None, high: float | None = None,
@@ -174,8 +186,9 @@ class Guidance:
     Common parameters: a guidance ``interval`` in noise level (``sigma_min``..``sigma_max``, as in
     EDM's S_min/S_max) and in step fractions (``start``..``stop``, a convenience); outside it the
     method falls back to the conditional prediction alone and skips the unconditional forward.
-    ``schedule`` shapes the strength over the run around its mean (constant, linear or cosine
-    increase, the mean-preserving forms of Wang et al. 2024, arXiv 2404.13040).
+    ``schedule`` shapes the strength over the run (:mod:`guidance_engine.schedules`: constant,
+    the mean-preserving linear and cosine increases of Wang et al. 2024, arXiv 2404.13040, their
+    clamped forms, power-cosine, beta-CFG's beta density, explicit per-step values, phases).
     """
 
     name: ClassVar[str] = ""
@@ -203,7 +216,7 @@ class Guidance:
     runs_on_row_subsets: ClassVar[bool] = True
 
     scale: float = 1.0
-    schedule: str = param("constant", choices=SCHEDULES, doc="shape of the strength over the run")
+    schedule: Any = schedule_param()
     sigma_min: float = param(0.0, low=0.0, doc="guide only where sigma >= sigma_min")
     sigma_max: float = param(math.inf, low=0.0, doc="guide only where sigma <= sigma_max")
     start: float = param(0.0, low=0.0, high=1.0, doc="guide only from this fraction of the steps")
@@ -217,25 +230,87 @@ class Guidance:
             raise ValueError(f"{self.name}: sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
         if self.start > self.stop:
             raise ValueError(f"{self.name}: start ({self.start}) must not exceed stop ({self.stop})")
-        self._check_schedule_range()
+        self._check_schedule()
 
-    def _check_schedule_range(self) -> None:
-        """The linear and cosine schedules run a scale from ``neutral_scale`` towards
-        ``2 scale - neutral_scale`` (their mean is the scale): both ends of every scale the
-        schedule shapes (``shaped_scales``) must lie in its accepted range, so no step leaves it."""
-        if getattr(self, "schedule", "constant") == "constant":
+    def schedule_targets(self) -> tuple[tuple[str, float], ...]:
+        """(parameter, neutral value) of every scale the schedule shapes: ``shaped_scales`` around
+        ``neutral_scale`` (subclasses whose schedule shapes another term override this)."""
+        return tuple((name, self.neutral_scale) for name in self.shaped_scales)
+
+    @property
+    def shape(self) -> Schedule:
+        """The schedule as an object (the field keeps what was given: a name stays a name)."""
+        return as_schedule(self.schedule)
+
+    def _check_schedule(self) -> None:
+        """The schedule is one :mod:`.schedules` accepts, its target parameter is one it shapes,
+        and both ends of every scale it shapes lie in that scale's accepted range, so that no step
+        leaves it (explicit lists: every value; callables: at the run's start, :meth:`check_steps`)."""
+        meta = self.__dataclass_fields__["schedule"].metadata
+        if not meta.get("schedule"):  # a subclass narrowed the field to fixed choices (FKC)
             return
+        try:
+            shape = self.shape
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from None
+        if not isinstance(self.schedule, (str, Schedule)):
+            object.__setattr__(self, "schedule", shape)  # a list or a callable: kept as its object
+        targets = self.schedule_targets()
+        if getattr(shape, "targets_one", False):
+            names = [name for name, _ in targets]
+            if shape.parameter is not None and shape.parameter not in names:
+                raise ValueError(f"{self.name}: schedule {shape.name!r} sets parameter {shape.parameter!r}, which "
+                                 f"{self.name} does not schedule (it schedules {', '.join(map(repr, names))})")
+        if isinstance(shape, Constant):
+            return  # every value stays the parameter's own, already checked
         metadata = {f.name: f.metadata for f in dataclasses.fields(self)}
-        for name in self.shaped_scales:
-            meta, value = metadata.get(name, {}), getattr(self, name)
-            low, high = meta.get("low"), meta.get("high")
-            peak = 2.0 * value - self.neutral_scale
-            if (low is not None and min(peak, self.neutral_scale) < low) or \
-                    (high is not None and max(peak, self.neutral_scale) > high):
-                raise ValueError(
-                    f"{self.name}: schedule {self.schedule!r} runs parameter '{name}' from {self.neutral_scale:g} "
-                    f"to {peak:g} (twice its mean {value:g} minus {self.neutral_scale:g}), outside the accepted "
-                    f"{describe_range(meta)}; lower '{name}' or use schedule 'constant'")
+        for name, neutral in targets:
+            if not self._shapes(name) or getattr(self, name) is None:  # None: an optional scale left unset
+                continue
+            bounds = shape.bounds(getattr(self, name), neutral)
+            if bounds is not None:
+                self._check_scheduled_range(name, neutral, bounds, metadata.get(name, {}))
+
+    def _shapes(self, name: str) -> bool:
+        """Whether the schedule shapes parameter ``name`` (one-parameter schedules: only theirs)."""
+        shape = self.shape
+        if not getattr(shape, "targets_one", False):
+            return True
+        return name == (shape.parameter or self.schedule_targets()[0][0])
+
+    def _check_scheduled_range(self, name: str, neutral: float, bounds: tuple[float, float],
+                               meta: Mapping[str, Any]) -> None:
+        low, high = meta.get("low"), meta.get("high")
+        lo, hi = min(bounds[0], neutral), max(bounds[1], neutral)
+        if (low is not None and lo < low) or (high is not None and hi > high):
+            raise ValueError(
+                f"{self.name}: schedule {self._schedule_label()} "
+                f"runs parameter '{name}' from {lo:g} to {hi:g}{self.shape.why(getattr(self, name), neutral)}, "
+                f"outside the accepted {describe_range(meta)}; "
+                f"lower '{name}' or use schedule 'constant'")
+
+    def _schedule_label(self) -> str:
+        """The schedule as an error message names it."""
+        if isinstance(self.schedule, str):
+            return repr(self.schedule)
+        return "(a callable)" if isinstance(self.shape, Custom) else repr(self.shape.spec())
+
+    def check_steps(self, num_steps: int) -> None:
+        """ValueError before the first model call if the schedule cannot serve a run of
+        ``num_steps`` steps (an explicit list of another length; a callable leaving a range)."""
+        meta = self.__dataclass_fields__["schedule"].metadata
+        if not meta.get("schedule"):
+            return
+        shape = self.shape
+        shape.check_steps(num_steps, self.name)
+        if shape.bounds(0.0, 0.0) is None:  # a callable: its values at this run's steps
+            metadata = {f.name: f.metadata for f in dataclasses.fields(self)}
+            for name, neutral in self.schedule_targets():
+                if self._shapes(name):
+                    values = [shape.value(getattr(self, name), neutral,
+                                          StepInfo(index=i, num_steps=num_steps, sigma=1.0, sigma_next=1.0,
+                                                   timestep=0.0)) for i in range(num_steps)]
+                    self._check_scheduled_range(name, neutral, (min(values), max(values)), metadata.get(name, {}))
 
     def _check(self, name: str, value: Any, meta: Mapping[str, Any], integer: bool = False) -> None:
         """``value`` of parameter ``name`` in its declared range (an integer where the field is
@@ -264,7 +339,11 @@ class Guidance:
 
     def to_dict(self) -> dict[str, Any]:
         """Serialisable config: ``{"name": ..., **parameters}``; :func:`resolve_guidance` reads it."""
-        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        config = {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        schedule = config.get("schedule")
+        if isinstance(schedule, Schedule):  # its string form; a callable has none and stays a callable
+            config["schedule"] = schedule.function if isinstance(schedule, Custom) else schedule.spec()
+        return config
 
     @classmethod
     def parameters(cls) -> list[dataclasses.Field]:
@@ -280,13 +359,19 @@ class Guidance:
 
     def scale_at(self, step: StepInfo) -> float:
         """The scale at this step: ``scale`` shaped by ``schedule``; neutral outside the interval."""
+        return self.shaped("scale", step)
+
+    def shaped(self, name: str, step: StepInfo, neutral: float | None = None) -> float:
+        """Parameter ``name`` at this step, shaped by ``schedule`` around ``neutral`` (default
+        ``neutral_scale``); the neutral value outside the interval."""
+        neutral = self.neutral_scale if neutral is None else neutral
         if not self.active(step):
-            return self.neutral_scale
-        if self.schedule == "constant":
-            return self.scale  # exactly, so that CFG matches the stock pipelines bit for bit
-        p = step.progress
-        shape = {"constant": 1.0, "linear": 2.0 * p, "cosine": 1.0 - math.cos(math.pi * p)}[self.schedule]
-        return self.neutral_scale + (self.scale - self.neutral_scale) * shape
+            return neutral
+        value = getattr(self, name)
+        meta = self.__dataclass_fields__["schedule"].metadata
+        if not meta.get("schedule") or not self._shapes(name):
+            return value
+        return self.shape.value(value, neutral, step)
 
     def required_branches(self) -> set[str]:
         """Every branch the method may request; a pipeline checks it can provide them all."""

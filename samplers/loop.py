@@ -175,6 +175,8 @@ def check_run(guidance: Guidance, scheduler, *, num_steps: int, timesteps: Seque
             raise ValueError(f"{name}: must be a non-empty list, got {values!r}")
     if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0):
         raise ValueError(f"eta: must be in [0, 1], got {eta!r}")
+    # the schedule's per-step values must fit the run (an explicit list's length, a callable's range)
+    guidance.check_steps(len(sigmas) if sigmas is not None else len(timesteps) if timesteps is not None else num_steps)
     sampler = resolve_sampler(sampler, guidance, scheduler)
     if guidance.requires_stochastic_sampler and not _stochastic(sampler, eta, scheduler):
         raise ValueError(f"sampler: method {guidance.name!r} needs a stochastic sampler (euler_ancestral, or ddim "
@@ -282,6 +284,7 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
         run = _SolverRun(SAMPLERS[sampler], scheduler, num_steps, noise.device, timesteps, sigmas, set_kwargs,
                          generator, eta)
     n = run.num_steps
+    guidance.check_steps(n)
     first = 0
     if image is None:
         x = noise * run.init_scale

@@ -42,7 +42,8 @@ def test_registry_knows_the_methods_and_rejects_unknown_names() -> None:
     (lambda: CFGPlusPlus(scale=1.2), r"cfgpp: parameter 'scale' must be \[0, 1\], got 1.2"),
     (lambda: APG(norm_threshold=0), r"apg: parameter 'norm_threshold' must be \(0, inf\), got 0"),
     (lambda: APG(space="eps"), r"parameter 'space' must be one of 'x0', 'model', got 'eps'"),
-    (lambda: CFG(schedule="exp"), r"parameter 'schedule' must be one of 'constant', 'linear', 'cosine'"),
+    (lambda: CFG(schedule="exp"), r"cfg: parameter 'schedule' must be a schedule name \(constant, linear, cosine, "
+                                  r"clamp_linear, .*got 'exp'"),
     (lambda: CFG(start=0.8, stop=0.2), r"start \(0.8\) must not exceed stop \(0.2\)"),
     (lambda: resolve_guidance({"name": "cfg", "eta": 1}), r"method 'cfg' has no parameter\(s\) eta"),
     (lambda: resolve_guidance({"scale": 3}), r"needs a 'name' key"),
@@ -78,9 +79,9 @@ def test_interval_and_schedules() -> None:
 @pytest.mark.parametrize("name", method_names())
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_every_schedule_keeps_every_scale_inside_its_accepted_range(name, schedule, tmp_path) -> None:
-    """A shaped schedule runs the scale from the neutral value to 2 scale - neutral: a scale whose
-    end would leave the accepted range is refused up front; an accepted one stays inside it at
-    every step (CFG++ at lambda 0.6, linear, would have reached 1.14 > 1)."""
+    """A shaped schedule runs each scale it shapes from its neutral value to 2 scale - neutral: a
+    scale whose end would leave the accepted range is refused up front; an accepted one stays
+    inside it at every step (CFG++ at lambda 0.6, linear, would have reached 1.14 > 1)."""
     spec = {"name": name}
     if name == "linear_ag":  # needs a calibration directory to exist
         from guidance_engine.methods.linear_ag import save_calibration
@@ -90,24 +91,25 @@ def test_every_schedule_keeps_every_scale_inside_its_accepted_range(name, schedu
         spec["calibration"] = str(tmp_path)
     base = resolve_guidance(spec)
     cls = type(base)
-    meta = next((f.metadata for f in cls.parameters() if f.name == "scale"), {})
-    choices = next(f.metadata.get("choices") for f in cls.parameters() if f.name == "schedule")
-    if schedule not in (choices or ()) or meta.get("high") is None:
-        pytest.skip(f"{name} has no {schedule!r} schedule")
-    low, high, neutral = meta["low"], meta["high"], cls.neutral_scale
-    too_high = (high + neutral) / 2 + 0.01
-    with pytest.raises(ValueError, match=rf"{name}: schedule '{schedule}' runs parameter 'scale' from .* outside "
-                                         rf"the accepted \["):
-        base.new(scale=too_high, schedule=schedule)
-    method = base.new(scale=(high + neutral) / 2, schedule=schedule)
-    scales = [method.scale_at(_step(i, 50)) for i in range(50)]
-    assert all(low <= s <= high for s in scales), (min(scales), max(scales))
-    for other in cls.shaped_scales[1:]:  # a second shaped scale (APG-mix's apg_scale, FDG's scale_low)
-        with pytest.raises(ValueError, match=rf"runs parameter '{other}' from"):
-            base.new(**{other: too_high}, schedule=schedule)
-        method = base.new(**{other: (high + neutral) / 2}, schedule=schedule)
-        for i in range(50):  # the run re-derives the shaped copy at every step: it must not raise
-            method.branches(_step(i, 50), method.init_state(2, torch.device("cpu")))
+    if not cls.__dataclass_fields__["schedule"].metadata.get("schedule"):
+        pytest.skip(f"{name} takes no schedule")
+    metadata = {f.name: f.metadata for f in cls.parameters()}
+    targets = [(param, neutral) for param, neutral in base.schedule_targets() if metadata[param].get("high")]
+    if not targets:
+        pytest.skip(f"{name} has no bounded scale to schedule")
+    for param, neutral in targets:
+        low, high = metadata[param]["low"], metadata[param]["high"]
+        too_high = (high + neutral) / 2 + 0.01
+        with pytest.raises(ValueError, match=rf"{name}: schedule '{schedule}' runs parameter '{param}' from .* "
+                                             rf"outside the accepted \["):
+            base.new(**{param: too_high}, schedule=schedule)
+        method = base.new(**{param: (high + neutral) / 2}, schedule=schedule, start=0.0, stop=1.0)
+        values = [method.shaped(param, _step(i, 50), neutral) for i in range(50)]
+        assert all(low <= v <= high for v in values), (min(values), max(values))
+        assert max(values) > getattr(method, param) or getattr(method, param) == neutral  # it is shaped
+        if param != targets[0][0]:  # a second scale (APG-mix's apg_scale, FDG's scale_low, NAG's nag_scale):
+            for i in range(50):     # the run derives each step's scales: it must not raise
+                method.branches(_step(i, 50), method.init_state(2, torch.device("cpu")))
 
 
 def test_cfgpp_linear_schedule_at_its_readme_scale_is_refused_with_the_range() -> None:

@@ -26,7 +26,6 @@ is neutral; ours treats the two phases independently (a neutral phase is the con
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -61,7 +60,7 @@ class APGMix(Guidance):
         """("cfg" or "apg", that phase's scale at this step, shaped by the schedule and interval)."""
         if step.index < self.cfg_steps:
             return "cfg", self.scale_at(step)
-        return "apg", dataclasses.replace(self, scale=self.apg_scale).scale_at(step)
+        return "apg", self.shaped("apg_scale", step)
 
     def init_state(self, batch_size: int, device: torch.device) -> APGState:
         return APGState()

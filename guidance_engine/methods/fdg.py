@@ -34,7 +34,6 @@ p = 1 each of its scales is ours minus one.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,7 +132,7 @@ class FDG(Guidance):
         high = self.scale_at(step)
         if self.scale_low == self.scale:
             return high, high
-        return high, dataclasses.replace(self, scale=self.scale_low).scale_at(step)
+        return high, self.shaped("scale_low", step)
 
     def branches(self, step: StepInfo, state: Any) -> tuple[str, ...]:
         if all(w == self.neutral_scale for w in self.scales_at(step)):

@@ -31,7 +31,6 @@ block) are not supported yet: refused before any model call.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -137,13 +136,7 @@ class NAG(Guidance):
     # -- the branches ------------------------------------------------------------------------------
     def nag_scale_at(self, step: StepInfo) -> float:
         """s at this step: shaped by ``schedule`` inside the interval, 1 (off) outside."""
-        if not self.active(step) or self.nag_scale == 1:
-            return 1.0
-        if self.schedule == "constant":
-            return self.nag_scale
-        p = step.progress
-        shape = {"linear": 2.0 * p, "cosine": 1.0 - math.cos(math.pi * p)}[self.schedule]
-        return 1.0 + (self.nag_scale - 1.0) * shape
+        return self.shaped("nag_scale", step, neutral=1.0)
 
     def conditional(self, nag_scale: float) -> Branch:
         """The conditional branch with its cross-attention guided away from the negative context."""

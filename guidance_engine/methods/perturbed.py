@@ -157,12 +157,11 @@ class PerturbedGuidance(Guidance):
 
     def perturb_scale_at(self, step: StepInfo) -> float:
         """w at this step: shaped by ``schedule`` inside the interval, 0 outside."""
-        if not self.active(step) or self.perturb_scale == 0:
-            return 0.0
-        if self.schedule == "constant":
-            return self.perturb_scale
-        p = step.progress
-        return self.perturb_scale * {"linear": 2.0 * p, "cosine": 1.0 - math.cos(math.pi * p)}[self.schedule]
+        return self.shaped(self.perturb_field, step, neutral=0.0)
+
+    def schedule_targets(self) -> tuple[tuple[str, float], ...]:
+        """The schedule shapes the perturbation term's w (from 0); CFG's scale stays constant."""
+        return ((self.perturb_field, 0.0),)
 
     def required_branches(self) -> set[str]:
         if self.base is not None:
