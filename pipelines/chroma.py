@@ -191,8 +191,13 @@ class GuidedChromaPipeline(GuidedPipelineMixin, ChromaPipeline):
         branches = ChromaBranches(self.transformer, {"cond": cond, "uncond": uncond}, img_ids=img_ids,
                                   joint_attention_kwargs=joint_attention_kwargs,
                                   networks={"reference": self.reference_network(guide, reference)})
+
+        def encode_texts(texts, embeds=None, mask=None) -> dict[str, torch.Tensor]:
+            return self.prompt_condition(texts, embeds, mask, **text)
+
         if own_negative is not None:
-            conditions.add_negative_branch(branches, self.prompt_condition(*own_negative, **text))
+            conditions.add_negative_branch(branches, encode_texts(*own_negative))
+        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
 
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)

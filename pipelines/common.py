@@ -96,6 +96,9 @@ class NetworkBranches:
         # Other networks taking the same conditioning (autoguidance's reference model), by name.
         self.networks = {name: net for name, net in (networks or {}).items() if net is not None}
         self._layers: dict[tuple, list] = {}  # resolved perturbation layers
+        # The family's prompt encoding for branches of other prompts (texts, one per call prompt ->
+        # a condition dict like "cond"'s): :func:`.conditions.add_text_branches` fills them with it.
+        self.encode_texts: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
 
     def _condition(self, name: str) -> dict[str, torch.Tensor]:
         if name in self.conditions:

@@ -14,9 +14,14 @@ branch                      filled from                            declared by
                             prompt / the null class
 ``negative``                the negative prompt; ``uncond`` then   Perp-Neg
                             stays the empty prompt
+``negative_<k>``            the method's own k-th prompt           Perp-Neg ``negatives``
+                            (``branch_prompts()``)
 ``cond2``                   ``product_prompt``                     FKC ``target="product"``
 ``icg_random_tokens``       random token ids through the text      ICG
-                            encoder, or a random class, per step
+                            encoder (SD; other text families: a
+                            prompt of random tokens through their
+                            own encoding), or a random class, per
+                            step
 ``icg_noise``               Gaussian noise at the embeddings' std  ICG ``condition="noise"``
 ``gfcg_class_<k>``          the prompt naming class k / label k    GFCG (:mod:`.guide_classifier`)
 ==========================  =====================================  ===========================
@@ -33,7 +38,8 @@ from typing import Any, Callable
 import torch
 
 
-__all__ = ["DEFAULT_INVERSION_GUIDANCE", "INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "attach_dit_gfcg", "attach_text_gfcg",
+__all__ = ["DEFAULT_INVERSION_GUIDANCE", "INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "add_text_branches",
+           "attach_dit_gfcg", "attach_text_gfcg", "random_prompt_conditions",
            "independent_class_conditions", "independent_text_conditions", "negative_branch_inputs",
            "stock_guidance", "stock_renorm_guidance", "stock_skip_layer_guidance", "stock_true_cfg_renorm"]
 
@@ -160,6 +166,61 @@ def independent_text_conditions(pipe, prompt_embeds: torch.Tensor, generator) ->
         return {"encoder_hidden_states": draw.to(prompt_embeds.device, prompt_embeds.dtype)}
 
     return dict(zip(INDEPENDENT, (random_tokens, noise)))
+
+
+#: The conditioning keys that hold text embeddings (hidden states, pooled projections), by family.
+TEXT_EMBEDDING_KEYS = frozenset({"encoder_hidden_states", "pooled_projections", "text_embeds", "cap_feats"})
+
+
+def add_text_branches(pipe, branches, guide, encode_texts: Callable[[list[str]], dict[str, torch.Tensor]], *,
+                      batch_size: int, generator) -> None:
+    """The text branches any text family fills the same way, given ``encode_texts`` (one prompt
+    per call prompt -> that family's condition dict, one row per image, as its "cond" holds):
+    the method's own prompts (``branch_prompts()``: Perp-Neg's weighted negatives) and, unless the
+    family provides its own, ICG's independent conditions (:func:`random_prompt_conditions`)."""
+    for name, text in getattr(guide, "branch_prompts", dict)().items():
+        branches.conditions[name] = encode_texts([text] * batch_size)
+    for name, provider in random_prompt_conditions(pipe, branches.conditions["cond"], encode_texts,
+                                                   batch_size=batch_size, generator=generator).items():
+        branches.providers.setdefault(name, provider)
+
+
+def random_prompt_conditions(pipe, cond: dict[str, torch.Tensor], encode_texts, *, batch_size: int,
+                             generator) -> dict[str, Callable[[], dict]]:
+    """ICG's y_hat for a text family whose encoding is more than one encoder's hidden states
+    (several encoders, pooled projections, attention masks, chat templates): a prompt of uniformly
+    random tokens of its first tokenizer (as many as that tokenizer's model_max_length allows, at
+    most 77 words' worth), decoded to text and encoded as the family encodes any prompt, one per
+    call prompt, redrawn every step; or, for ``icg_noise``, every text-embedding tensor
+    (:data:`TEXT_EMBEDDING_KEYS`) replaced by Gaussian noise at that tensor's global std (masks,
+    lengths, positions, time ids and embedded guidance kept). Seeded from the call's generator (a
+    private stream)."""
+    stream = _stream(generator)
+    tokenizer = getattr(pipe, "tokenizer", None)
+
+    def random_tokens() -> dict[str, torch.Tensor]:
+        vocab = len(tokenizer)
+        length = min(int(getattr(tokenizer, "model_max_length", 77) or 77), 77) - 2  # room for BOS/EOS
+        ids = torch.randint(0, vocab, (batch_size, length), generator=stream)
+        texts = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in ids]
+        return encode_texts(texts)
+
+    stds = {key: float(value.float().std()) for key, value in cond.items() if key in TEXT_EMBEDDING_KEYS}
+
+    def noise() -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in cond.items():
+            if key in stds:
+                draw = torch.randn(value.shape, generator=stream, dtype=torch.float32) * stds[key]
+                out[key] = draw.to(value.device, value.dtype)
+            else:
+                out[key] = value
+        return out
+
+    providers = {INDEPENDENT[1]: noise}
+    if tokenizer is not None:
+        providers[INDEPENDENT[0]] = random_tokens
+    return providers
 
 
 def independent_class_conditions(num_classes: int, rows: int, generator, device) -> dict[str, Callable[[], dict]]:

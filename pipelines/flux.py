@@ -199,26 +199,29 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
             raise ValueError(f"negative_prompt_embeds: expected {prompt_embeds.shape[0]} rows (one per image), "
                              f"got {negative_prompt_embeds.shape[0]}")
 
-        cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
-        uncond = {"encoder_hidden_states": negative_prompt_embeds, "pooled_projections": negative_pooled_prompt_embeds}
-        own = None
-        if own_negative is not None:
-            texts, texts_2, embeds, pooled = own_negative
+        def embedded(condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if self.transformer.config.guidance_embeds:  # the stock value, the same in every branch
+                condition["guidance"] = torch.full((rows,), guidance_scale, device=device, dtype=torch.float32)
+            return condition
+
+        def encode_texts(texts, texts_2=None, embeds=None, pooled=None) -> dict[str, torch.Tensor]:
+            """A branch of other prompts (the negative's own, a method's), encoded as the prompt."""
             embeds, pooled, _ = self.encode_prompt(
                 prompt=texts, prompt_2=texts_2, prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device,
                 num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
                 lora_scale=lora_scale)
-            own = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-        if self.transformer.config.guidance_embeds:  # the stock value, the same in every branch
-            for condition in (cond, uncond, own):
-                if condition is not None:
-                    condition["guidance"] = torch.full((rows,), guidance_scale, device=device, dtype=torch.float32)
+            return embedded({"encoder_hidden_states": embeds, "pooled_projections": pooled})
+
+        cond = embedded({"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds})
+        uncond = embedded({"encoder_hidden_states": negative_prompt_embeds,
+                           "pooled_projections": negative_pooled_prompt_embeds})
         img_ids = self._prepare_latent_image_ids(rows, latent_h // 2, latent_w // 2, device, prompt_embeds.dtype)
         branches = FluxBranches(self.transformer, {"cond": cond, "uncond": uncond}, img_ids=img_ids,
                                 txt_ids=text_ids, joint_attention_kwargs=joint_attention_kwargs,
                                 networks={"reference": self.reference_network(guide, reference)})
-        if own is not None:
-            conditions.add_negative_branch(branches, own)
+        if own_negative is not None:
+            conditions.add_negative_branch(branches, encode_texts(*own_negative))
+        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
 
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)

@@ -174,9 +174,13 @@ class GuidedFlux2Pipeline(GuidedPipelineMixin, Flux2Pipeline):
                                           "guidance": embedded}},
             **self.image_inputs(references, latent_h, latent_w, generator, device),
             attention_kwargs=attention_kwargs, networks={"reference": self.reference_network(guide, reference_network)})
+
+        def encode_texts(texts, embeds=None) -> dict[str, torch.Tensor]:
+            return {**self.prompt_condition(texts, embeds, **text), "guidance": embedded}
+
         if own_negative is not None:
-            conditions.add_negative_branch(branches, {**self.prompt_condition(*own_negative, **text),
-                                                      "guidance": embedded})
+            conditions.add_negative_branch(branches, encode_texts(*own_negative))
+        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
 
         return self.sample_and_decode(
             branches, guide, shape, device=device, generator=generator, latents=latents,

@@ -201,23 +201,22 @@ class GuidedQwenImagePipeline(GuidedPipelineMixin, QwenImagePipeline):
         negative = negative_prompt_texts(negative_prompt, negative_prompt_embeds, batch_size)
         cut = self.truncated_template_prompts(max_sequence_length, prompt=prompt, negative_prompt=negative_prompt)
 
-        def encode(texts, embeds, mask) -> dict[str, torch.Tensor]:
-            return self.prompt_condition(texts, embeds, mask, num_images_per_prompt=num_images_per_prompt,
-                                         max_sequence_length=max_sequence_length)
+        def encode(texts, embeds=None, mask=None) -> dict[str, torch.Tensor]:
+            condition = self.prompt_condition(texts, embeds, mask, num_images_per_prompt=num_images_per_prompt,
+                                              max_sequence_length=max_sequence_length)
+            if self.transformer.config.guidance_embeds:  # the stock value, the same in every branch
+                condition["guidance"] = torch.full((rows,), guidance_scale, device=self._execution_device,
+                                                   dtype=torch.float32)
+            return condition
 
         cond = encode(prompt, prompt_embeds, prompt_embeds_mask)
         uncond = encode(negative, negative_prompt_embeds, negative_prompt_embeds_mask)
-        own = None if own_negative is None else encode(*own_negative)
-        if self.transformer.config.guidance_embeds:  # the stock value, the same in every branch
-            for condition in (cond, uncond, own):
-                if condition is not None:
-                    condition["guidance"] = torch.full((rows,), guidance_scale, device=self._execution_device,
-                                                       dtype=torch.float32)
         branches = QwenImageBranches(self.transformer, {"cond": cond, "uncond": uncond},
                                      img_shape=(1, latent_h // 2, latent_w // 2), attention_kwargs=attention_kwargs,
                                      networks={"reference": self.reference_network(guide, reference)})
-        if own is not None:
-            conditions.add_negative_branch(branches, own)
+        if own_negative is not None:
+            conditions.add_negative_branch(branches, encode(*own_negative))
+        conditions.add_text_branches(self, branches, guide, encode, batch_size=batch_size, generator=generator)
 
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)

@@ -142,10 +142,14 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         conditions.add_product_branch(branches, product_prompt, lambda texts: self.encode_prompt(
             texts, device, num_images_per_prompt, False, lora_scale=lora_scale, clip_skip=clip_skip)[0],
             batch_size, num_images_per_prompt)
+        def encode_texts(texts, embeds=None) -> dict[str, torch.Tensor]:
+            return {"encoder_hidden_states": self.encode_prompt(texts, device, num_images_per_prompt, False,
+                                                                prompt_embeds=embeds, lora_scale=lora_scale,
+                                                                clip_skip=clip_skip)[0]}
+
         if negative_branch is not None:
-            conditions.add_negative_branch(branches, {"encoder_hidden_states": self.encode_prompt(
-                negative_branch[0], device, num_images_per_prompt, False, prompt_embeds=negative_branch[1],
-                lora_scale=lora_scale, clip_skip=clip_skip)[0]})
+            conditions.add_negative_branch(branches, encode_texts(*negative_branch))
+        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
         guide = conditions.attach_text_gfcg(self, guide, branches, prompt, num_images_per_prompt, lambda texts: self.encode_prompt(
             texts, device, num_images_per_prompt, False, lora_scale=lora_scale, clip_skip=clip_skip)[0])
 

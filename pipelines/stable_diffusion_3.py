@@ -123,6 +123,11 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
             sampler=sampler, eta=eta, generator=generator, latents=latents, output_type=output_type)
         cut = self.truncated_prompts(prompt=prompt, negative_prompt=negative_prompt)
         device = self._execution_device
+        own_negative = conditions.negative_branch_inputs(guide, negative_prompt, negative_prompt_embeds, batch_size)
+        if own_negative is not None:  # the negative prompt gets a branch of its own; "uncond" stays empty
+            own_negative = (*own_negative, negative_prompt_2, negative_prompt_3, negative_pooled_prompt_embeds)
+            negative_prompt = negative_prompt_2 = negative_prompt_3 = None
+            negative_prompt_embeds = negative_pooled_prompt_embeds = None
         lora_scale = joint_attention_kwargs.get("scale") if joint_attention_kwargs else None
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
          negative_pooled_prompt_embeds) = self.encode_prompt(
@@ -138,6 +143,19 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
             "uncond": {"encoder_hidden_states": negative_prompt_embeds,
                        "pooled_projections": negative_pooled_prompt_embeds},
         }, joint_attention_kwargs, networks={"reference": self.reference_network(guide, reference)})
+
+        def encode_texts(texts, embeds=None, texts_2=None, texts_3=None, pooled=None) -> dict[str, torch.Tensor]:
+            """A branch of other prompts (the negative's own, a method's), encoded as the prompt."""
+            hidden, _, pooled, _ = self.encode_prompt(
+                prompt=texts, prompt_2=texts_2, prompt_3=texts_3, do_classifier_free_guidance=False,
+                prompt_embeds=embeds, pooled_prompt_embeds=pooled, device=device, clip_skip=clip_skip,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale)
+            return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+
+        if own_negative is not None:
+            conditions.add_negative_branch(branches, encode_texts(*own_negative))
+        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
 
         shift: dict[str, Any] = {}
         if mu is not None:

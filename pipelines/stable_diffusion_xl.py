@@ -122,6 +122,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
             clip_skip=clip_skip, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
+        conditions.add_text_branches(self, branches, guide, branches.encode_texts, batch_size=batch_size,
+                                     generator=generator)
         reference = self.reference_network(guide, reference_unet)  # autoguidance's weaker UNet
         if reference is not None:
             branches.networks["reference"] = reference
@@ -180,15 +182,20 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                        "text_embeds": negative_pooled_prompt_embeds.to(device),
                        "time_ids": negative_time_ids.to(device).repeat(rows, 1)},
         }, cross_attention_kwargs)
-        if negative_branch is not None:  # the user's negative prompt and micro-conditioning, "uncond" empty
-            texts, embeds, texts_2, pooled = negative_branch
-            negative, _, negative_pooled, _ = self.encode_prompt(
+        def encode_texts(texts, texts_2=None, embeds=None, pooled=None) -> dict[str, torch.Tensor]:
+            """A branch of other prompts (the negative's own, a method's), with the negative
+            micro-conditioning, as the stock pipeline conditions its negative branch."""
+            hidden, _, pooled, _ = self.encode_prompt(
                 prompt=texts, prompt_2=texts_2, device=device, num_images_per_prompt=num_images_per_prompt,
                 do_classifier_free_guidance=False, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
                 lora_scale=lora_scale, clip_skip=clip_skip)
-            conditions.add_negative_branch(branches, {"encoder_hidden_states": negative.to(device),
-                                                      "text_embeds": negative_pooled.to(device),
-                                                      "time_ids": negative_time_ids.to(device).repeat(rows, 1)})
+            return {"encoder_hidden_states": hidden.to(device), "text_embeds": pooled.to(device),
+                    "time_ids": negative_time_ids.to(device).repeat(rows, 1)}
+
+        branches.encode_texts = encode_texts
+        if negative_branch is not None:  # the user's negative prompt and micro-conditioning, "uncond" empty
+            texts, embeds, texts_2, pooled = negative_branch
+            conditions.add_negative_branch(branches, encode_texts(texts, texts_2, embeds, pooled))
         return branches
 
     # -- inversion hooks (InversionMixin) -----------------------------------------------------------

@@ -228,9 +228,22 @@ class GuidedZImagePipeline(GuidedPipelineMixin, ZImagePipeline):
             latents=latents, output_type=output_type)
         texts, cut = self._branch_texts(guide, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
                                         batch_size, num_images_per_prompt, max_sequence_length)
+        for name, text in getattr(guide, "branch_prompts", dict)().items():  # padded with the others
+            texts[name] = self._encode_rows([text] * batch_size, None, num_images_per_prompt, max_sequence_length)
         device = self._execution_device
         branches = ZImageBranches(self.transformer, pad_texts(texts), joint_attention_kwargs,
                                   networks={"reference": self.reference_network(guide, reference)})
+        length = branches.conditions["cond"][TEXT_KEY].shape[1]
+
+        def encode_texts(new_texts: list[str]) -> dict[str, torch.Tensor]:
+            """Other prompts' rows (ICG's random ones, drawn per step) at the branches' common
+            padded length, so that they batch with them: longer rows are cut to it."""
+            rows = [e[:length] for e in self._encode_rows(new_texts, None, num_images_per_prompt,
+                                                          max_sequence_length)]
+            padded = pad_texts({"rows": rows + [rows[0].new_zeros((length, rows[0].shape[1]))]})["rows"]
+            return {TEXT_KEY: padded[TEXT_KEY][:-1], LENGTH_KEY: padded[LENGTH_KEY][:-1]}
+
+        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
 
         if sigmas is None:
             sigmas = get_default_z_image_sigmas(num_inference_steps)
@@ -279,10 +292,7 @@ class GuidedZImagePipeline(GuidedPipelineMixin, ZImagePipeline):
                                 negative_prompt=negative if own_negative is None else own_negative[0])
 
         def encode(texts: list[str] | None, rows: list[torch.Tensor] | None) -> list[torch.Tensor]:
-            per_prompt = self.encode_prompt(  # a copy of the list: the stock helper writes templated prompts into it
-                prompt=None if texts is None else list(texts), device=self._execution_device,
-                do_classifier_free_guidance=False, prompt_embeds=rows, max_sequence_length=max_sequence_length)[0]
-            return [e for e in per_prompt for _ in range(num_images_per_prompt)]
+            return self._encode_rows(texts, rows, num_images_per_prompt, max_sequence_length)
 
         texts = {"cond": encode(None if prompt is None else [prompt] if isinstance(prompt, str) else prompt,
                                 None if prompt_embeds is None else text_rows(prompt_embeds, "prompt_embeds")),
@@ -290,6 +300,15 @@ class GuidedZImagePipeline(GuidedPipelineMixin, ZImagePipeline):
         if own_negative is not None:
             texts[conditions.NEGATIVE] = encode(*own_negative)
         return texts, cut
+
+    def _encode_rows(self, texts: list[str] | None, rows: list[torch.Tensor] | None, num_images_per_prompt: int,
+                     max_sequence_length: int) -> list[torch.Tensor]:
+        """One branch's per-image text embeddings: the stock encoding of ``texts`` (or ``rows``),
+        each prompt's repeated for its images."""
+        per_prompt = self.encode_prompt(  # a copy of the list: the stock helper writes templated prompts into it
+            prompt=None if texts is None else list(texts), device=self._execution_device,
+            do_classifier_free_guidance=False, prompt_embeds=rows, max_sequence_length=max_sequence_length)[0]
+        return [e for e in per_prompt for _ in range(num_images_per_prompt)]
 
     @staticmethod
     def prompt_batch_size(prompt, prompt_embeds) -> int:

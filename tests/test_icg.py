@@ -42,10 +42,12 @@ def test_independent_condition_is_redrawn_every_step_and_reproducible(sd_pair, c
     assert not torch.allclose(first.images, cfg.images)
 
 
-def test_a_pipeline_without_the_branch_refuses_before_the_model(sdxl_pair) -> None:
+def test_sdxl_draws_random_token_prompts_through_both_encoders(sdxl_pair) -> None:
+    """SDXL has no token-id provider of its own: y_hat is a prompt of random tokens encoded as the
+    family encodes any prompt (pipelines/conditions.random_prompt_conditions), seeded by the call."""
     _, guided = sdxl_pair
-    calls = []
-    guided.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
-    with pytest.raises(ValueError, match=r"method 'icg' needs branch\(es\) \['icg_random_tokens'\]"):
-        guided(PROMPT, num_inference_steps=2, guidance="icg")
-    assert calls == []
+    first = guided(PROMPT, num_inference_steps=2, guidance="icg", generator=seeded(3), output_type="latent")
+    again = guided(PROMPT, num_inference_steps=2, guidance="icg", generator=seeded(3), output_type="latent")
+    assert torch.equal(first.images, again.images) and first.nfe == 4
+    cfg = guided(PROMPT, num_inference_steps=2, guidance=CFG(scale=3.0), generator=seeded(3), output_type="latent")
+    assert not torch.equal(first.images, cfg.images)
