@@ -16,6 +16,7 @@ _EXPORTS = {
     "GuidedStableDiffusionPipeline": ".stable_diffusion",
     "GuidedStableDiffusionImg2ImgPipeline": ".img2img",
     "GuidedStableDiffusionInpaintPipeline": ".inpaint",
+    "GuidedStableDiffusionInstructPix2PixPipeline": ".instruct_pix2pix",
     "GuidedStableDiffusionXLPipeline": ".stable_diffusion_xl",
     "GuidedStableDiffusionXLImg2ImgPipeline": ".xl_image",
     "GuidedStableDiffusionXLInpaintPipeline": ".xl_image",

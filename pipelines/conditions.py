@@ -24,6 +24,8 @@ branch                      filled from                            declared by
                             step
 ``icg_noise``               Gaussian noise at the embeddings' std  ICG ``condition="noise"``
 ``gfcg_class_<k>``          the prompt naming class k / label k    GFCG (:mod:`.guide_classifier`)
+``image``                   the negative (else empty) prompt with  dual CFG (InstructPix2Pix)
+                            the input image's latents
 ==========================  =====================================  ===========================
 
 Branch *alterations* (perturbed attention, skipped blocks, time noise, probes, another network)
@@ -38,10 +40,11 @@ from typing import Any, Callable
 import torch
 
 
-__all__ = ["DEFAULT_INVERSION_GUIDANCE", "INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "add_text_branches",
+__all__ = ["DEFAULT_INVERSION_GUIDANCE", "IMAGE", "IMAGE_SCALE", "INDEPENDENT", "NEGATIVE", "SECOND_PROMPT", "add_product_branch", "add_text_branches",
            "attach_dit_gfcg", "attach_text_gfcg", "random_prompt_conditions",
            "independent_class_conditions", "independent_text_conditions", "negative_branch_inputs",
-           "stock_guidance", "stock_renorm_guidance", "stock_skip_layer_guidance", "stock_true_cfg_renorm"]
+           "stock_dual_guidance", "stock_guidance", "stock_renorm_guidance", "stock_skip_layer_guidance",
+           "stock_true_cfg_renorm"]
 
 #: What ``invert`` uses unless told: CFG++ (its official inversion).
 DEFAULT_INVERSION_GUIDANCE = "cfgpp"
@@ -54,6 +57,10 @@ SECOND_PROMPT = "cond2"
 CLASS_BRANCH_PREFIX = "gfcg_class_"
 #: Independent conditions, redrawn at every step (ICG): random tokens (or classes), or noise.
 INDEPENDENT = ("icg_random_tokens", "icg_noise")
+#: The image condition alone (InstructPix2Pix): the negative or empty prompt with the image latents.
+IMAGE = "image"
+#: The parameter of the two-condition method that the IP2P pipeline's ``image_guidance_scale`` sets.
+IMAGE_SCALE = "image_scale"
 
 
 def _stream(generator) -> torch.Generator:
@@ -91,6 +98,18 @@ def stock_guidance(scale: float, rescale: float = 0.0):
     from guidance_engine.methods.cfg import CFG
 
     return CFG(scale=scale, rescale=rescale)
+
+
+def stock_dual_guidance(scale: float, image_scale: float):
+    """What ``guidance=None`` means on InstructPix2Pix: the stock two-condition CFG, which guides
+    only when ``scale > 1`` and ``image_scale >= 1`` and is the conditional prediction alone
+    otherwise (``dual_cfg`` at (1, 1)). Both scales are range-checked either way."""
+    from guidance_engine.methods.dual_cfg import DualCFG
+
+    method = DualCFG(scale=scale, image_scale=image_scale)
+    if scale > 1.0 and image_scale >= 1.0:
+        return method
+    return method.new(scale=1.0, image_scale=1.0)
 
 
 def stock_true_cfg_renorm(scale: float):

@@ -5,10 +5,14 @@ from .apg import APG
 from .apg_mix import APGMix
 from .autoguidance import AutoGuidance
 from .cfg import CFG
+from .cfg_norm import CFGNorm
 from .cfg_renorm import CFGRenorm
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
+from .dual_cfg import DualCFG
+from .dynamic_thresholding import DynamicThresholding
 from .fdg import FDG
+from .fresca import FreSca
 from .linear_ag import LinearAG
 from .mambo_g import MAMBOG
 from .nag import NAG
@@ -24,5 +28,6 @@ from .sag import SAG
 from .seg import SEG
 from .slg import SLG
 
-__all__ = ["AdaptiveGuidance", "APG", "APGMix", "AutoGuidance", "CFG", "CFGPlusPlus", "CFGRenorm", "CFGZeroStar", "FDG", "FKC", "GFCG", "ICG", "LinearAG",
+__all__ = ["AdaptiveGuidance", "APG", "APGMix", "AutoGuidance", "CFG", "CFGNorm", "CFGPlusPlus", "CFGRenorm", "CFGZeroStar", "DualCFG",
+           "DynamicThresholding", "FDG", "FKC", "FreSca", "GFCG", "ICG", "LinearAG",
            "MAMBOG", "NAG", "PAG", "PerpNeg", "RenormCFG", "SAG", "SEG", "SLG", "TCFG", "TSG"]

@@ -153,12 +153,17 @@ def _listing_row(cells: Sequence[str], meaning: str) -> list[str]:
     import textwrap
 
     line = "    "
-    for cell, width in zip(cells, _COLUMNS):
+    for cell, width in zip(cells[:-1], _COLUMNS):
         line += f"{cell:<{width}} "
+    last_column = len(line)
+    # the last cell (the accepted values) wraps under its own column when wider than the page
+    last = textwrap.wrap(cells[-1], LISTING_WIDTH - last_column) or [""]
+    line += f"{last[0]:<{_COLUMNS[len(cells) - 1]}} "
+    overflow = [" " * last_column + text for text in last[1:]]
     indent = 4 + sum(width + 1 for width in _COLUMNS)
     wrapped = textwrap.wrap(meaning, LISTING_WIDTH - indent) or [""]
-    if len(line) > indent:  # a cell overflowed its column
-        return [line.rstrip(), *(" " * indent + text for text in wrapped)]
+    if len(line) > indent or overflow:  # a cell overflowed its column
+        return [line.rstrip(), *overflow, *(" " * indent + text for text in wrapped)]
     return [line + wrapped[0], *(" " * indent + text for text in wrapped[1:])]
 
 
