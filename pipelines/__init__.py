@@ -37,6 +37,9 @@ _EXPORTS = {
     "GuidedZImagePipeline": ".z_image",
     "ZImageBranches": ".z_image",
     "GuidedZImageImg2ImgPipeline": ".z_image_img2img",
+    "GuidedWanPipeline": ".wan",
+    "GuidedWanPipelineOutput": ".wan",
+    "WanBranches": ".wan",
     "default_model_path": ".models",
     "load_pipeline": ".models",
 }

@@ -37,10 +37,19 @@ def pipeline_class_for(model: str | os.PathLike):
     if name == "Flux2Pipeline":  # exactly: other Flux2* pipelines hold other components
         from .flux2_dev import GuidedFlux2Pipeline
         return GuidedFlux2Pipeline
-    if name.startswith(("Flux2", "QwenImage", "Chroma", "ZImage")):  # a variant of a family not run yet
+    if name == "WanPipeline":  # exactly: Wan's image-to-video, VACE and animate checkpoints hold other inputs
+        from .wan import GuidedWanPipeline
+        return GuidedWanPipeline
+    if name == "StableDiffusion3Pipeline":
+        from .stable_diffusion_3 import GuidedStableDiffusion3Pipeline
+        return GuidedStableDiffusion3Pipeline
+    if name == "StableDiffusionInstructPix2PixPipeline":
+        from .instruct_pix2pix import GuidedStableDiffusionInstructPix2PixPipeline
+        return GuidedStableDiffusionInstructPix2PixPipeline
+    if name.startswith(("Flux2", "QwenImage", "Chroma", "ZImage", "Wan", "StableDiffusion3")):  # a variant not run yet
         raise ValueError(f"model: {model} is a {name} checkpoint, which the engine does not run yet; text-to-image "
                          "checkpoints of Flux.1, Flux.2 [dev], Flux.2 Klein, Chroma, Qwen-Image, Z-Image, SD 1.x/2.x, SDXL, SD3 and "
-                         "DiT are taken")
+                         "DiT, text-to-video checkpoints of Wan 2.1 / 2.2 and InstructPix2Pix are taken")
     if "Flux" in name:
         from .flux import GuidedFluxPipeline
         return GuidedFluxPipeline

@@ -70,8 +70,20 @@ def _ratio(alpha: float, sigma: float) -> float:
 
 
 def is_flow_scheduler(scheduler) -> bool:
-    """Flow-matching schedulers (x = (1 - s) x0 + s eps) keep their levels in ``sigmas``."""
-    return "FlowMatch" in type(scheduler).__name__
+    """Flow-matching schedulers (x = (1 - s) x0 + s eps, a flow-velocity network) keep their levels
+    in ``sigmas``: the FlowMatch family, and multistep schedulers configured with flow sigmas for a
+    flow model (Wan's ``UniPCMultistepScheduler(use_flow_sigmas=True,
+    prediction_type="flow_prediction")``; DPM-Solver takes the same flags). Flow sigmas for another
+    prediction type are refused: the callers read "flow" as the network's prediction too."""
+    if "FlowMatch" in type(scheduler).__name__:
+        return True
+    config = getattr(scheduler, "config", {})
+    if not config.get("use_flow_sigmas", False):
+        return False
+    if config.get("prediction_type") != "flow_prediction":
+        raise ValueError(f"scheduler: {type(scheduler).__name__} with use_flow_sigmas=True needs "
+                         f"prediction_type='flow_prediction', got {config.get('prediction_type')!r}")
+    return True
 
 
 def all_levels(scheduler, timesteps: list[float], offset: int = 0) -> list[tuple[float, float]]:

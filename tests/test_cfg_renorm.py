@@ -125,3 +125,14 @@ def test_latents_the_patch_does_not_divide_are_refused() -> None:
     preds = _preds(8, shape=(1, 4, 6, 6))
     with pytest.raises(ValueError, match=r"parameter 'patch' \(4\) must divide .* got latents of shape \(1, 4, 6, 6\)"):
         CFGRenorm(scale=2.0, patch=4).combine(preds, STEP, None)
+
+
+def test_video_latents_are_renormed_frame_by_frame() -> None:
+    """(B, C, F, H, W): each frame's p x p tokens, exactly as that frame alone as an image."""
+    from guidance_engine.methods.cfg_renorm import renormed
+
+    generator = torch.Generator().manual_seed(5)
+    guided, cond = (torch.randn(2, 3, 4, 6, 8, generator=generator) for _ in range(2))
+    video = renormed(guided, cond, 2)
+    for frame in range(4):
+        assert torch.equal(video[:, :, frame], renormed(guided[:, :, frame], cond[:, :, frame], 2))

@@ -90,6 +90,14 @@ def _z_image():
         "prompt": PROMPT, "height": 32, "width": 32, "max_sequence_length": 64}
 
 
+def _wan():
+    from guidance_engine.pipelines import GuidedWanPipeline
+    from guidance_engine.pipelines.toy.tiny_wan import tiny_wan_components
+
+    return GuidedWanPipeline(**tiny_wan_components(0)), "transformer", {
+        "prompt": PROMPT, "height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 16}
+
+
 def _dit():
     from guidance_engine.pipelines import GuidedDiTPipeline
     from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
@@ -100,11 +108,11 @@ def _dit():
 
 #: Layer-level methods on the tiny transformers: block 0 (the family defaults 7, 8, 9 do not exist there).
 TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "Flux.2 [dev]": [0], "Flux.2 Klein": [0], "Chroma": [0], "Qwen-Image": [0],
-               "Z-Image": [0], "DiT": [0]}
+               "Z-Image": [0], "Wan": [0], "DiT": [0]}
 
 FAMILIES: dict[str, Callable[[], tuple[Any, str, dict[str, Any]]]] = {
     "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 [dev]": _flux2_dev, "Flux.2 Klein": _flux2_klein,
-    "Chroma": _chroma, "Qwen-Image": _qwen_image, "Z-Image": _z_image, "DiT": _dit}
+    "Chroma": _chroma, "Qwen-Image": _qwen_image, "Z-Image": _z_image, "Wan": _wan, "DiT": _dit}
 
 
 def outcome(family: str, name: str, pipe, network: str, inputs: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from guidance_engine import Prediction, StepInfo, resolve_guidance
 from guidance_engine.methods.cfg import CFG
 from guidance_engine.methods.dual_cfg import IMAGE, DualCFG
 from guidance_engine.pipelines.instruct_pix2pix import GuidedStableDiffusionInstructPix2PixPipeline as Guided
+from guidance_engine.pipelines.models import pipeline_class_for
 from guidance_engine.pipelines.toy.tiny_instruct_pix2pix import tiny_instruct_pix2pix_components
 from guidance_engine.pipelines.toy.tiny_models import TINY_IMAGE_SIZE
 
@@ -302,7 +303,7 @@ def test_save_pretrained_of_the_stock_pipeline_loads_as_the_guided_one(component
     stock, _ = _pair(components)
     stock.save_pretrained(tmp_path)
     loaded = quiet(Guided.from_pretrained(tmp_path))
-    assert type(loaded) is Guided
+    assert type(loaded) is Guided and pipeline_class_for(tmp_path) is Guided
     kwargs = dict(prompt=PROMPTS[0], image=_image(5), num_inference_steps=2, output_type="latent")
     want = stock(**kwargs, generator=torch.Generator().manual_seed(2)).images
     assert torch.equal(loaded(**kwargs, generator=torch.Generator().manual_seed(2)).images, want)

@@ -47,3 +47,17 @@ def test_unsupported_arguments_are_refused(sd3_pair) -> None:
     assert calls == []
     with pytest.raises(ValueError, match=r"unsupported argument\(s\) \['ip_adapter_image'\]"):
         guided(PROMPT, num_inference_steps=2, ip_adapter_image=np.zeros((8, 8, 3)))
+
+
+def test_a_saved_stock_directory_is_detected_and_loads_the_guided_pipeline(tmp_path) -> None:
+    """What the CLI and batch do with an SD3 checkpoint: model_index.json names the family."""
+    from guidance_engine.pipelines.models import pipeline_class_for
+
+    StableDiffusion3Pipeline(**tiny_sd3_components(0)).save_pretrained(tmp_path, safe_serialization=True)
+    assert pipeline_class_for(tmp_path) is GuidedStableDiffusion3Pipeline
+    absent = {"text_encoder_3": None, "tokenizer_3": None}  # the tiny model has no T5 (nor has stock loading)
+    pipe = quiet(GuidedStableDiffusion3Pipeline.from_pretrained(tmp_path, **absent))
+    stock = quiet(StableDiffusion3Pipeline.from_pretrained(tmp_path, **absent))
+    call = {"num_inference_steps": 2, "output_type": "latent", "height": 32, "width": 32}
+    assert torch.equal(pipe(PROMPT, generator=seeded(0), **call).images,
+                       stock(PROMPT, generator=seeded(0), **call).images)

@@ -50,10 +50,15 @@ def patch_image(tokens: torch.Tensor, shape: torch.Size, patch: int) -> torch.Te
 
 def renormed(guided: torch.Tensor, cond: torch.Tensor, patch: int) -> torch.Tensor:
     """``guided`` with each p x p token rescaled to the norm of ``cond``'s token; a token whose
-    guided norm is 0 is kept (zero)."""
+    guided norm is 0 is kept (zero). Video latents (B, C, F, H, W): per frame, p x p tokens of each
+    frame (Wan's patches are 1 x 2 x 2)."""
+    if guided.ndim == 5:
+        b, c, f, h, w = guided.shape
+        frames = [t.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) for t in (guided, cond)]
+        return renormed(*frames, patch).reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
     if guided.ndim != 4 or guided.shape[-2] % patch or guided.shape[-1] % patch:
         raise ValueError(f"cfg_renorm: parameter 'patch' ({patch}) must divide the height and width of (B, C, H, W) "
-                         f"latents, got latents of shape {tuple(guided.shape)}")
+                         f"or (B, C, F, H, W) latents, got latents of shape {tuple(guided.shape)}")
     g, c = patch_tokens(guided, patch), patch_tokens(cond, patch)
     cond_norm = torch.norm(c, dim=-1, keepdim=True)
     guided_norm = torch.norm(g, dim=-1, keepdim=True)

@@ -42,8 +42,9 @@ from ..prediction import Prediction
 from ..registry import register, resolve_guidance
 from .perturbed import layers_param, normalize_layers
 
-#: The authors' alpha by attention kind ("cross": a UNet's cross-attention, their SDXL pipeline).
-DEFAULT_ALPHA: dict[str, float] = {"cross": 0.5}
+#: The authors' alpha by attention kind ("cross": a UNet's cross-attention, their SDXL pipeline;
+#: "video_cross": Wan's text cross-attention, their Wan processor's default).
+DEFAULT_ALPHA: dict[str, float] = {"cross": 0.5, "video_cross": 0.25}
 
 
 def normalized_attention_guidance(positive: torch.Tensor, negative: torch.Tensor, scale: float, tau: float,
