@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import threading
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -15,10 +16,10 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, Perturbation
+from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, Perturbation, StepInfo
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SampleResult, StartImage, StepRecord, sample
-from guidance_engine.samplers.loop import check_run
+from guidance_engine.samplers.loop import check_run, normalize_requests
 from guidance_engine.samplers.schedule import is_flow_scheduler
 
 if TYPE_CHECKING:
@@ -99,12 +100,20 @@ class NetworkBranches:
         # The family's prompt encoding for branches of other prompts (texts, one per call prompt ->
         # a condition dict like "cond"'s): :func:`.conditions.add_text_branches` fills them with it.
         self.encode_texts: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
+        # At most this many rows per network call (None: one call for all of a step's branches);
+        # set per run from the pipeline's ``set_max_batch_rows`` (:meth:`GuidedPipelineMixin._run_core`).
+        self.max_batch_rows: int | None = None
+        self._drawn: dict[str, dict[str, torch.Tensor]] | None = None  # this step's provider draws
 
     def _condition(self, name: str) -> dict[str, torch.Tensor]:
         if name in self.conditions:
             return self.conditions[name]
         if name in self.providers:
-            return self.providers[name]()
+            if self._drawn is None:
+                return self.providers[name]()
+            if name not in self._drawn:  # once per step, however many calls the step's rows take
+                self._drawn[name] = self.providers[name]()
+            return self._drawn[name]
         return self.conditions[name.base]  # a derived branch (Branch): its base's conditioning
 
     def available(self) -> set[str]:
@@ -157,9 +166,15 @@ class NetworkBranches:
             if getattr(name, "probe", None) is None:
                 groups.setdefault(getattr(name, "network", None), []).append((name, rows))
         out: dict[str, torch.Tensor] = {}
-        for network in sorted(groups, key=lambda n: n is not None):
-            probes = [name for name, _ in probed if getattr(name, "network", None) == network]
-            out.update(self._evaluate(self.network(network), x, timestep, groups[network], probes))
+        self._drawn = {}
+        try:
+            for network in sorted(groups, key=lambda n: n is not None):
+                probes = [name for name, _ in probed if getattr(name, "network", None) == network]
+                for chunk in self._chunks(groups[network], x.shape[0], probes):
+                    for name, part in self._evaluate(self.network(network), x, timestep, chunk, probes).items():
+                        out[name] = part if name not in out else torch.cat([out[name], part])
+        finally:
+            self._drawn = None
         for name, rows in probed:  # evaluated later, on the input the method builds (SAG)
             if rows is not None or name.base not in out:
                 raise ValueError(f"guidance: branch {name!r} reads the attention map of {name.base!r}, which must be "
@@ -167,6 +182,42 @@ class NetworkBranches:
             name.probe.evaluate = self._evaluator(self.network(name.network), timestep, name.base)
             out[name] = torch.full_like(out[name.base], float("nan"))  # filled by probe.evaluate
         return out
+
+    def _chunks(self, requests: list[tuple[str, torch.Tensor | None]], batch: int, probes: Sequence[Any]
+                ) -> list[list[tuple[str, torch.Tensor | None]]]:
+        """The requests in network calls of at most ``max_batch_rows`` rows: whole branches while
+        they fit, in order, a branch larger than the limit split into consecutive row ranges (its
+        outputs concatenate back in row order); for families that run each branch in its own
+        forward, each branch's rows alone. One call when there is no limit, or the rows fit."""
+        sizes = [batch if rows is None else len(rows) for _, rows in requests]
+        limit = self.max_batch_rows
+        if limit is None or sum(sizes) <= limit:
+            return [requests]
+        if probes:
+            raise ValueError(f"max_batch_rows: {limit} rows per call, but this step's {sum(sizes)} rows include a "
+                             "branch whose attention map the method reads over the whole batch (SAG); raise "
+                             "max_batch_rows or set it to None")
+        chunks: list[list[tuple[str, torch.Tensor | None]]] = [[]]
+        room = limit
+        for (name, rows), size in zip(requests, sizes):
+            if getattr(self, "separate_forwards", False) and chunks[-1]:
+                chunks.append([])  # a family that runs each branch alone: chunks never mix branches
+                room = limit
+            if size > limit and getattr(name, "time_noise", 0.0) > 0:
+                raise ValueError(f"max_batch_rows: branch {str(name)!r} has {size} rows, more than {limit}, and "
+                                 "cannot be split (TSG scales its noise by the std over its rows); raise "
+                                 f"max_batch_rows to at least {size}")
+            index = torch.arange(batch) if rows is None else rows
+            start = 0
+            while start < size:
+                if room == 0:
+                    chunks.append([])
+                    room = limit
+                take = min(room, size - start)
+                part = rows if (start == 0 and take == size) else index[start:start + take]
+                chunks[-1].append((name, part))
+                start, room = start + take, room - take
+        return chunks
 
     def _evaluator(self, model, timestep: torch.Tensor, base: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """A handle that evaluates ``model`` on another input with ``base``'s conditioning."""
@@ -268,11 +319,150 @@ class NetworkBranches:
 #: The former name (it holds transformers too).
 UNetBranches = NetworkBranches
 
+#: The calls running in this context (a thread, or an asyncio task): pipeline id -> that call's
+#: per-call attributes (:class:`CallAttribute`). A call adds its own for its duration and takes
+#: them out at its end, so calls in two threads, or a call made inside another's callback, stay apart.
+_RUNNING_CALLS: ContextVar[Mapping[int, dict[str, Any]] | None] = ContextVar("guidance_engine_calls", default=None)
+
+
+def call_values(pipe: Any) -> dict[str, Any]:
+    """The per-call attributes that ``pipe`` shows in this context: those of its call running
+    here, else those its last finished call left (and what was assigned outside calls)."""
+    running = _RUNNING_CALLS.get()
+    if running is not None and id(pipe) in running:
+        return running[id(pipe)]
+    return pipe.__dict__.setdefault("_last_call_attributes", {})
+
+
+class CallAttribute:
+    """One of the stock pipelines' per-call attributes (``pipe._guidance_scale``, read by the
+    stock ``guidance_scale`` and ``do_classifier_free_guidance`` properties and written by
+    diffusers' cutoff callbacks; ``_num_timesteps``, ``_interrupt``, ...), held per call instead of
+    on the shared pipeline object (the stock design, which two threads calling one pipeline break).
+
+    During a call, reads and writes in that call's context (its callbacks run there) see that
+    call's own values; outside calls, those of the call that finished last, as a stock pipeline
+    keeps them (a thread that reads them after its own call, while another thread's call finishes,
+    may see that one's: read them in a callback, or use the output). A write from another thread
+    does not reach a running call: interrupt a run from its callback (``pipe._interrupt = True``).
+    A name that no call has set raises AttributeError, as on the stock pipeline."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, pipe: Any, owner: type | None = None) -> Any:
+        if pipe is None:
+            return self
+        values = call_values(pipe)
+        if self.name not in values:
+            raise AttributeError(f"'{type(pipe).__name__}' object has no attribute '{self.name}'")
+        return values[self.name]
+
+    def __set__(self, pipe: Any, value: Any) -> None:
+        call_values(pipe)[self.name] = value
+
+
+class RunGuidance:
+    """The method of one run as the core sees it (a per-run object, never shared): the call's
+    method until a callback switches it (:meth:`GuidedPipelineMixin.guidance_after_write`: the
+    cutoff callbacks' ``_guidance_scale = 0``), then the switched one for the remaining steps; the
+    frozen method objects are never changed. It notes what the core keeps in its loop and a run
+    stopped by ``_interrupt`` must return: the method's per-run state (created, and selected after
+    particle resampling) and each sample's network evaluations, counted as the core counts them
+    (one per requested branch and row); and, at the first step, the steps the run takes
+    (``_num_timesteps``, as the stock ``len(timesteps)`` after img2img's truncation)."""
+
+    def __init__(self, method: Guidance, values: dict[str, Any]) -> None:
+        self.call_method = method  # what the call asked for: switches are derived from it
+        self.method = method  # in force for the coming steps
+        self.values = values  # the call's per-call attributes
+        self.state: Any = None
+        self.nfe: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:  # renoise_split, check_steps, combine, after_step, ...
+        return getattr(self.method, name)
+
+    @property
+    def name(self) -> str:
+        """The call's method (error messages name what the user asked for)."""
+        return self.call_method.name
+
+    def init_state(self, batch_size: int, device: torch.device) -> Any:
+        self.nfe = torch.zeros(batch_size, dtype=torch.long, device=device)  # on the rows' device: no sync
+        self.state = self.method.init_state(batch_size, device)
+        return self.state
+
+    def branches(self, step: StepInfo, state: Any) -> Any:
+        self.values.setdefault("_num_timesteps", step.num_steps - step.index)  # set at the first step taken
+        requests = self.method.branches(step, state)
+        for _, rows in normalize_requests(requests):
+            self.nfe[slice(None) if rows is None else rows] += 1
+        return requests
+
+    def select_state(self, state: Any, keep: torch.Tensor) -> Any:
+        self.nfe = self.nfe[keep]
+        self.state = self.method.select_state(state, keep)
+        return self.state
+
+
+class RunInterrupted(Exception):
+    """A callback set ``_interrupt``: the stock loops skip the remaining steps (``continue``) and
+    decode the latents as they are, which the core's run then returns (``x``: the latents after the
+    step, or what the callback replaced them with; ``denoised``: that step's guided x0)."""
+
+    def __init__(self, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        super().__init__("interrupted by a callback (_interrupt = True)")
+        self.x, self.denoised = x, denoised
+
+
+def written_condition(given: torch.Tensor, written: Any) -> Any:
+    """The conditioning a branch keeps after a callback returned ``written`` for ``given``.
+
+    The engine hands a callback each branch's own rows (``prompt_embeds``: the conditional rows),
+    which in the stock CFG layout ``[uncond; cond]`` are its last rows; the stock cutoff callbacks
+    cut that layout to its last rows (``prompt_embeds[-1:]``) to keep the conditional ones. A
+    cut of ``given`` to its own last rows therefore keeps all of ``given``: with one image, what
+    stock keeps; with several, every image's own prompt (where stock keeps one row, which fits no
+    batch). Anything else replaces the branch's tensor as it is."""
+    if not isinstance(written, torch.Tensor) or written.dim() != given.dim() or written.shape[1:] != given.shape[1:]:
+        return written
+    rows = written.shape[0]
+    if 0 < rows < given.shape[0] and torch.equal(written, given[-rows:]):  # one host read, at the cut only
+        return given
+    return written
+
 
 class GuidedPipelineMixin:
-    """Shared call logic of the guided pipelines (mixed into subclasses of the stock ones)."""
+    """Shared call logic of the guided pipelines (mixed into subclasses of the stock ones).
+
+    The stock per-call attributes that the stock properties and diffusers' callbacks read
+    (``guidance_scale``, ``do_classifier_free_guidance``, ``num_timesteps``, ``interrupt``, ...)
+    are each call's own (:class:`CallAttribute`), set when its run starts
+    (:meth:`call_attributes`); the writes the stock callbacks make act as in stock
+    (:meth:`_run_core`)."""
+
+    # The stock per-call attributes, each call's own (read and written through CallAttribute).
+    _guidance_scale = CallAttribute()
+    _guidance_scale_2 = CallAttribute()  # Wan 2.2's second expert
+    _image_guidance_scale = CallAttribute()  # InstructPix2Pix
+    _guidance_rescale = CallAttribute()
+    _clip_skip = CallAttribute()
+    _cross_attention_kwargs = CallAttribute()
+    _joint_attention_kwargs = CallAttribute()
+    _attention_kwargs = CallAttribute()
+    _interrupt = CallAttribute()
+    _num_timesteps = CallAttribute()
+    _current_timestep = CallAttribute()
+    _denoising_start = CallAttribute()  # SDXL
+    _denoising_end = CallAttribute()
+    _skip_layer_guidance_scale = CallAttribute()  # SD3
+    _cfg_normalization = CallAttribute()  # Z-Image
+    _cfg_truncation = CallAttribute()
 
     default_guidance_scale: float = 7.5
+    #: The method's scale minus the stock ``guidance_scale`` that ``_guidance_scale`` holds (0; Z-Image's
+    #: stock s is the engine's w - 1).
+    stock_scale_offset: float = 0.0
     #: subfolder of a model directory holding an autoguidance reference network (loaded on demand)
     reference_subfolder: str = "reference_unet"
 
@@ -284,6 +474,37 @@ class GuidedPipelineMixin:
         return GuidedPipelineOutput(images=images, nfe=sum(nfe_per_image) / len(nfe_per_image),
                                     nfe_per_image=nfe_per_image, guidance_state=state, guidance=guide.to_dict(),
                                     sampler=sampler or "auto", **extra)
+
+    def set_max_batch_rows(self, max_batch_rows: int | None) -> None:
+        """Run each step's branches in network calls of at most ``max_batch_rows`` rows (None, the
+        default: every branch of a step in one batched call, or the family's stock layout). A
+        3-branch method then fits where CFG fits: e.g. 2 for one image. The results equal the
+        one-call run within float32 rounding (a network's rows may round differently in another
+        batch size; bit for bit where the layout does not change). ValueError for anything but
+        None or an integer >= 1."""
+        if max_batch_rows is not None and (isinstance(max_batch_rows, bool) or not isinstance(max_batch_rows, int)
+                                           or max_batch_rows < 1):
+            raise ValueError(f"max_batch_rows: must be None or an integer >= 1, got {max_batch_rows!r}")
+        self._max_batch_rows = max_batch_rows
+
+    def _checked_batch_rows(self, guidance: Guidance, rows: int) -> int | None:
+        """The pipeline's ``max_batch_rows`` for a run of ``rows`` samples, refused before any
+        model call where the method's branches cannot be split: TSG's time noise (scaled by the std
+        over a branch's rows) on more rows than the limit; SAG's probe (it reads one attention map
+        over the whole batch)."""
+        limit = getattr(self, "_max_batch_rows", None)
+        if limit is None:
+            return None
+        for branch in guidance.altered_branches():
+            if branch.time_noise > 0 and rows > limit:
+                raise ValueError(f"max_batch_rows: {guidance.name!r} adds noise to branch {str(branch)!r} scaled by "
+                                 f"the std over its {rows} rows, which cannot be split into calls of {limit}; raise "
+                                 f"max_batch_rows to at least {rows}")
+            if branch.probe is not None and rows * len(guidance.required_branches()) > limit:
+                raise ValueError(f"max_batch_rows: {guidance.name!r} reads an attention map over all of a step's rows "
+                                 f"(up to {rows * len(guidance.required_branches())}), which cannot be split into "
+                                 f"calls of {limit}; raise max_batch_rows or set it to None")
+        return limit
 
     @classmethod
     def from_pretrained(cls, *args: Any, reference_unet=None, **kwargs: Any):
@@ -507,38 +728,118 @@ class GuidedPipelineMixin:
                     callback_on_step_end, callback_on_step_end_tensor_inputs: list[str],
                     callback_tensors: Mapping[str, tuple[str, str]],
                     set_timesteps_kwargs: Mapping[str, Any] | None = None,
-                    image: StartImage | None = None) -> SampleResult:
+                    image: StartImage | None = None, call_attributes: Mapping[str, Any] | None = None
+                    ) -> SampleResult:
         """Run the core on this pipeline's scheduler, adapting ``callback_on_step_end``.
 
         ``callback_tensors`` maps a callback tensor name to (branch, conditioning key) so that a
         callback can read and replace conditioning tensors, as with the stock pipelines.
+        ``call_attributes``: the family's own per-call attribute values (:meth:`call_attributes`).
+        The run is one call's scope of per-call attributes; a callback that sets ``_interrupt``
+        ends it after that step (the latents as they are), as the stock loops skip the rest.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback: Callable[[StepRecord], torch.Tensor | None] | None = None
+        values = self.call_attributes(guidance, branches, call_attributes)
+        run = RunGuidance(guidance, values)
+        callback = None
         if callback_on_step_end is not None:
-            def callback(record: StepRecord) -> torch.Tensor | None:
-                kwargs = {}
-                for name in callback_on_step_end_tensor_inputs:
-                    if name == "latents":
-                        kwargs[name] = record.x
-                    else:
-                        branch, key = callback_tensors[name]
-                        kwargs[name] = branches.conditions[branch][key]
-                # the stock pipelines number the steps they take (from 0 after img2img's truncation)
-                outputs = callback_on_step_end(self, record.index - record.first, record.timestep, kwargs) or {}
-                for name, (branch, key) in callback_tensors.items():
-                    if name in outputs:
-                        branches.conditions[branch][key] = outputs[name]
-                return outputs.get("latents")
+            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+                callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+            callback = self._step_end_adapter(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                              callback_tensors, branches, run)
         branches.check_supports(guidance)
+        branches.max_batch_rows = self._checked_batch_rows(guidance, noise.shape[0])
         progress = {**getattr(self, "_progress_bar_config", {})}
         prediction_type = "flow" if is_flow_scheduler(self.scheduler) else \
             self.scheduler.config.get("prediction_type", "epsilon")
-        return sample(branches, noise, guidance, scheduler=self.scheduler, num_steps=num_inference_steps,
-                      prediction_type=prediction_type, sampler=sampler, set_timesteps_kwargs=set_timesteps_kwargs,
-                      eta=eta, generator=generator, timesteps=timesteps, sigmas=sigmas, callback=callback,
-                      progress=progress or True, image=image)
+        with self.call_scope(values):
+            try:
+                result = sample(branches, noise, run, scheduler=self.scheduler, num_steps=num_inference_steps,
+                                prediction_type=prediction_type, sampler=sampler,
+                                set_timesteps_kwargs=set_timesteps_kwargs, eta=eta, generator=generator,
+                                timesteps=timesteps, sigmas=sigmas, callback=callback, progress=progress or True,
+                                image=image)
+            except RunInterrupted as stop:
+                result = SampleResult(x=stop.x, denoised=stop.denoised, nfe=float(run.nfe.float().mean()),
+                                      nfe_per_sample=run.nfe.tolist(), state=run.state)
+            values["_current_timestep"] = None  # as the stock loops leave it
+        return result
+
+    def call_attributes(self, guidance: Guidance, branches: NetworkBranches,
+                        family: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The per-call attributes a run starts with, as the stock ``__call__`` sets them before its
+        loop: ``_guidance_scale`` is the method's ``scale`` (``guidance=None``: the stock CFG scale,
+        ``guidance_scale``; a named method: its scale; less :attr:`stock_scale_offset`), ``_guidance_rescale`` its ``rescale`` (0
+        without), ``_interrupt`` False, the attention kwargs under the name this stock class reads
+        them, then the family's own values (``family``: ``_clip_skip``, Flux's embedded
+        ``_guidance_scale``, ...), which replace these. ``_num_timesteps`` is set at the first step
+        (:class:`RunGuidance`), ``_current_timestep`` at each callback (None after the run)."""
+        values: dict[str, Any] = {"_guidance_scale": guidance.scale - self.stock_scale_offset,
+                                  "_guidance_rescale": getattr(guidance, "rescale", 0.0),
+                                  "_interrupt": False, "_current_timestep": None}
+        for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
+            if isinstance(getattr(type(self), name, None), property):
+                values[f"_{name}"] = branches.cross_attention_kwargs
+        return {**values, **(family or {})}
+
+    @contextlib.contextmanager
+    def call_scope(self, values: dict[str, Any]):
+        """``values`` are this pipeline's per-call attributes in this context for the duration (a
+        call made inside it, e.g. from a callback, has its own scope and restores these after);
+        afterwards they are what the pipeline shows outside calls (:class:`CallAttribute`)."""
+        token = _RUNNING_CALLS.set({**(_RUNNING_CALLS.get() or {}), id(self): values})
+        try:
+            yield values
+        finally:
+            _RUNNING_CALLS.reset(token)
+            self.__dict__["_last_call_attributes"] = values
+
+    def guidance_after_write(self, guide: Guidance, written: Any) -> Guidance | None:
+        """The method for the remaining steps after a callback set ``_guidance_scale`` to
+        ``written`` (``guide``: the call's method), as the stock loop reads that value at each step.
+        Where the stock class decides by ``do_classifier_free_guidance`` (SD, SDXL, SD3, ...): the
+        conditional prediction alone (CFG at 1, one forward per step) once it reads false (the
+        cutoff callbacks' ``0.0``), whatever the method (its guidance is off, as outside its
+        interval); else ``guide`` at scale ``written`` (plus :attr:`stock_scale_offset`; stock: CFG at
+        the new scale; ValueError outside the method's range). None (no change) where the stock class has no such property
+        (Flux, Flux.2 dev, Qwen-Image embed the value before their loop: writing it changes nothing)."""
+        if not isinstance(getattr(type(self), "do_classifier_free_guidance", None), property):
+            return None
+        if not self.do_classifier_free_guidance:
+            return conditions.stock_guidance(1.0)
+        return guide.new(scale=written + self.stock_scale_offset)
+
+    def _step_end_adapter(self, callback_on_step_end: Callable[..., Mapping[str, Any] | None],
+                          tensor_inputs: Sequence[str], callback_tensors: Mapping[str, tuple[str, str]],
+                          branches: NetworkBranches, run: RunGuidance) -> Callable[[StepRecord], torch.Tensor | None]:
+        """The core's callback for ``callback_on_step_end(pipe, step, timestep, tensors)``: hands it
+        ``tensor_inputs`` (``latents``, each conditioning name through ``callback_tensors``), keeps
+        what it returns (:func:`written_condition`), and applies its writes: ``_guidance_scale``
+        (:meth:`guidance_after_write`), ``_interrupt`` (:class:`RunInterrupted`)."""
+        values = run.values
+
+        def conditioning(name: str) -> torch.Tensor:
+            branch, key = callback_tensors[name]
+            return branches.conditions[branch][key]
+
+        def callback(record: StepRecord) -> torch.Tensor | None:
+            values["_current_timestep"] = record.timestep  # the stock loops set it as a step starts
+            given = {name: record.x if name == "latents" else conditioning(name) for name in tensor_inputs}
+            scale = values.get("_guidance_scale")
+            # the stock pipelines number the steps they take (from 0 after img2img's truncation); the
+            # stock callbacks change the dict they are given and return it: theirs is a copy
+            outputs = callback_on_step_end(self, record.index - record.first, record.timestep, dict(given)) or {}
+            for name, (branch, key) in callback_tensors.items():
+                if name in outputs:
+                    condition = branches.conditions[branch]
+                    condition[key] = written_condition(condition[key], outputs[name])
+            if values.get("_guidance_scale") != scale:
+                switched = self.guidance_after_write(run.call_method, values["_guidance_scale"])
+                run.method = run.method if switched is None else switched
+            latents = outputs.get("latents")
+            if values.get("_interrupt"):
+                raise RunInterrupted(record.x if latents is None else latents, record.denoised)
+            return latents
+        return callback
 
     def set_attention(self, name: str) -> str:
         """Use attention processor ``name`` ("sdpa", "xformers", "triton") in the UNet; returns
