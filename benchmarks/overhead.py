@@ -1,8 +1,12 @@
 """Engine vs stock diffusers: wall-time overhead of the sampler core for CFG.
 
 Runs the stock StableDiffusionPipeline and GuidedStableDiffusionPipeline (sharing the same
-components) alternately, same prompt, seed, scheduler and steps, in one process, and reports the
-median wall time of each and their ratio. Prints a markdown table, then ONE line of JSON.
+components) alternately, same prompt, seed, scheduler and steps, in one process. Each repeat times
+every variant once, in a rotating order (so no variant always runs first after another), and each
+engine time is paired with the stock time of the same repeat: the headline is the median of the
+paired ratios engine / stock with a 95% bootstrap interval (resampling the pairs), and the extra
+time per step (median paired difference / steps, in microseconds). Prints a markdown table, then
+ONE line of JSON.
 
     python benchmarks/overhead.py                 # default model + a medium random SD UNet
     python benchmarks/overhead.py --repeats 9 --steps 20 --models medium
@@ -58,6 +62,16 @@ def time_call(pipe, steps: int, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+def bootstrap_median_interval(values: list[float], seed: int, resamples: int = 10000) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the median of ``values`` (paired ratios)."""
+    import numpy as np
+
+    data = np.asarray(values)
+    draws = np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))
+    medians = np.median(data[draws], axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="default,medium")
@@ -79,27 +93,40 @@ def main() -> None:
             for pipe, kwargs in variants.values():  # warm-up
                 time_call(pipe, 2, guidance_scale=args.scale, **kwargs)
             times: dict[str, list[float]] = {k: [] for k in variants}
-            for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
-                for key, (pipe, kwargs) in variants.items():
+            keys = list(variants)
+            for repeat in range(args.repeats):  # interleaved, so drift hits every variant alike
+                shift = repeat % len(keys)
+                for key in keys[shift:] + keys[:shift]:
+                    pipe, kwargs = variants[key]
                     times[key].append(time_call(pipe, args.steps, guidance_scale=args.scale, **kwargs))
-            base = statistics.median(times["stock"])
             for key, values in times.items():
-                median = statistics.median(values)
-                rows.append({"model": model, "scheduler": scheduler_name, "variant": key, "median_s": median,
-                             "ratio_to_stock": median / base})
+                ratios = [t / base for t, base in zip(values, times["stock"])]
+                low, high = bootstrap_median_interval(ratios, seed=len(rows))
+                extra_us = statistics.median(t - base for t, base in zip(values, times["stock"])) / args.steps * 1e6
+                rows.append({"model": model, "scheduler": scheduler_name, "variant": key,
+                             "median_s": statistics.median(values), "ratio_to_stock": statistics.median(ratios),
+                             "ci_low": low, "ci_high": high, "extra_us_per_step": extra_us})
 
     print(f"steps {args.steps}, CFG scale {args.scale}, {args.repeats} interleaved repeats, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads\n")
-    print("| model | scheduler | variant | median s | ratio to stock |")
-    print("|---|---|---|---:|---:|")
+    print("| model | scheduler | variant | median s | paired ratio to stock | 95% interval | extra us/step |")
+    print("|---|---|---|---:|---:|---|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['scheduler']} | {r['variant']} | {r['median_s']:.3f} | {r['ratio_to_stock']:.3f} |")
-    engine = [r["ratio_to_stock"] for r in rows if r["variant"] != "stock"]
+        interval = "" if r["variant"] == "stock" else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        extra = "" if r["variant"] == "stock" else f"{r['extra_us_per_step']:.0f}"
+        print(f"| {r['model']} | {r['scheduler']} | {r['variant']} | {r['median_s']:.3f} | "
+              f"{r['ratio_to_stock']:.3f} | {interval} | {extra} |")
+    engine = [r for r in rows if r["variant"] != "stock"]
     summary = {"benchmark": "overhead", "steps": args.steps, "scale": args.scale, "repeats": args.repeats,
-               "max_ratio": round(max(engine), 4), "median_ratio": round(statistics.median(engine), 4),
-               "ratios": {f"{r['model']}/{r['scheduler']}/{r['variant']}": round(r["ratio_to_stock"], 4)
-                          for r in rows if r["variant"] != "stock"}}
+               "load_average": round(os.getloadavg()[0], 2),
+               "max_ratio": round(max(r["ratio_to_stock"] for r in engine), 4),
+               "median_ratio": round(statistics.median(r["ratio_to_stock"] for r in engine), 4),
+               "paths_whose_interval_reaches_1.01": sum(r["ci_low"] <= 1.01 for r in engine),
+               "paths": len(engine),
+               "ratios": {f"{r['model']}/{r['scheduler']}/{r['variant']}":
+                          [round(r["ratio_to_stock"], 4), round(r["ci_low"], 4), round(r["ci_high"], 4)]
+                          for r in engine}}
     print()
     print(strict_json.dumps(summary))
 
