@@ -40,6 +40,12 @@ _EXPORTS = {
     "GuidedWanPipeline": ".wan",
     "GuidedWanPipelineOutput": ".wan",
     "WanBranches": ".wan",
+    "GuidedLTXPipeline": ".ltx",
+    "GuidedLTXPipelineOutput": ".ltx",
+    "LTXBranches": ".ltx",
+    "GuidedHunyuanVideo15Pipeline": ".hunyuan_video15",
+    "GuidedHunyuanVideo15PipelineOutput": ".hunyuan_video15",
+    "HunyuanVideo15Branches": ".hunyuan_video15",
     "default_model_path": ".models",
     "load_pipeline": ".models",
 }

@@ -24,6 +24,7 @@ from . import conditions
 from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import (TransformerBranches, negative_prompt_texts, pack_latents, packed_callback,
                                unpack_latents)
+from .joint_context_attention import JointContextBranches
 from .messages import PromptTruncatedWarning
 
 __all__ = ["ChromaBranches", "GuidedChromaPipeline"]
@@ -32,7 +33,7 @@ __all__ = ["ChromaBranches", "GuidedChromaPipeline"]
 MAX_SEQUENCE_LENGTH = 512
 
 
-class ChromaBranches(TransformerBranches):
+class ChromaBranches(JointContextBranches, TransformerBranches):
     """The branch model over a Chroma transformer. ``conditions[b]`` holds branch ``b``'s T5
     embeddings (``encoder_hidden_states``), its attention mask over text then image tokens
     (``attention_mask``, one row per image) and its text positions (``txt_ids``, zeros, one
@@ -43,9 +44,10 @@ class ChromaBranches(TransformerBranches):
 
     family = "GuidedChromaPipeline"
     # PAG's identity attention (on top of the model's text padding mask) and SEG's blurred queries
-    # on double- and single-stream attention, skipped blocks (SLG), TSG's noise on the time
-    # embedding; SAG's map is not available.
-    perturbations = frozenset({"identity", "blur", "skip"})
+    # on double- and single-stream attention, skipped blocks (SLG), NAG's second text stream (in
+    # partner rows, each with its own padding mask: :mod:`.joint_context_attention`), TSG's noise on
+    # the time embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
@@ -65,14 +67,17 @@ class ChromaBranches(TransformerBranches):
         model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
+        kept = x_in.shape[0]
+        x_in, stacked, spans, negative_text = self.carry_negative_text(
+            model, x_in, stacked, spans, image=slice(stacked("encoder_hidden_states").shape[1], None))
         rows, _, height, width = x_in.shape
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        with self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches after the text
+        with negative_text, self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches after the text
             out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000,
                         encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids")[0],
                         img_ids=self.img_ids, attention_mask=stacked("attention_mask"),
                         joint_attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
-        return unpack_latents(out, height, width)
+        return unpack_latents(out[:kept], height, width)
 
 
 class GuidedChromaPipeline(GuidedPipelineMixin, ChromaPipeline):
@@ -216,7 +221,8 @@ class GuidedChromaPipeline(GuidedPipelineMixin, ChromaPipeline):
             num_inference_steps=num_inference_steps, timesteps=None, sigmas=sigmas, eta=eta,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")}, set_timesteps_kwargs={"mu": mu})
+            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")}, set_timesteps_kwargs={"mu": mu},
+            call_attributes={"_joint_attention_kwargs": joint_attention_kwargs or {}})  # stock: {} for None
         if output_type == "latent":
             image = pack_latents(latents)
         else:

@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, Perturbation, StepInfo
+from guidance_engine.interop import from_diffusers_guider, is_diffusers_guider
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SampleResult, StartImage, StepRecord, sample
 from guidance_engine.samplers.loop import check_run, normalize_requests
@@ -380,7 +381,10 @@ class RunGuidance:
         self.nfe: torch.Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:  # renoise_split, check_steps, combine, after_step, ...
-        return getattr(self.method, name)
+        method = self.__dict__.get("method")
+        if method is None:  # not yet initialised (a copy being made)
+            raise AttributeError(name)
+        return getattr(method, name)
 
     @property
     def name(self) -> str:
@@ -423,8 +427,9 @@ def written_condition(given: torch.Tensor, written: Any) -> Any:
     cut that layout to its last rows (``prompt_embeds[-1:]``) to keep the conditional ones. A
     cut of ``given`` to its own last rows therefore keeps all of ``given``: with one image, what
     stock keeps; with several, every image's own prompt (where stock keeps one row, which fits no
-    batch). Anything else replaces the branch's tensor as it is."""
-    if not isinstance(written, torch.Tensor) or written.dim() != given.dim() or written.shape[1:] != given.shape[1:]:
+    batch). Anything else (and any value of a conditioning that is no tensor) replaces it as it is."""
+    if not isinstance(given, torch.Tensor) or not isinstance(written, torch.Tensor) or \
+            written.dim() != given.dim() or written.shape[1:] != given.shape[1:]:
         return written
     rows = written.shape[0]
     if 0 < rows < given.shape[0] and torch.equal(written, given[-rows:]):  # one host read, at the cut only
@@ -547,7 +552,8 @@ class GuidedPipelineMixin:
     def resolve_guidance(self, guidance: GuidanceSpec, guidance_scale: float | None,
                          guidance_rescale: float = 0.0) -> Guidance:
         """``guidance=None`` is CFG at ``guidance_scale`` (the stock behaviour). A method name or
-        dict takes ``guidance_scale`` as its ``scale`` when given; an object must carry its own."""
+        dict takes ``guidance_scale`` as its ``scale`` when given; an object (the engine's, or a
+        diffusers guider, mapped exactly: :mod:`guidance_engine.interop`) must carry its own."""
         if guidance is None:
             scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
             return conditions.stock_guidance(scale, guidance_rescale)
@@ -556,6 +562,13 @@ class GuidedPipelineMixin:
                 raise ValueError("guidance_scale/guidance_rescale: set them on the guidance object itself, "
                                  f"got guidance={guidance!r} and guidance_scale={guidance_scale!r}")
             return guidance
+        if is_diffusers_guider(guidance):  # a diffusers guider object (diffusers.guiders): its exact engine mapping
+            if guidance_scale is not None or guidance_rescale:
+                raise ValueError("guidance_scale/guidance_rescale: set them on the diffusers guider itself, "
+                                 f"got guidance={type(guidance).__name__} and guidance_scale={guidance_scale!r}")
+            prediction_type = "flow" if is_flow_scheduler(self.scheduler) else \
+                self.scheduler.config.get("prediction_type", "epsilon")
+            return from_diffusers_guider(guidance, prediction_type=prediction_type)
         overrides: dict[str, Any] = {}
         if guidance_scale is not None:
             overrides["scale"] = guidance_scale
@@ -767,15 +780,15 @@ class GuidedPipelineMixin:
     def call_attributes(self, guidance: Guidance, branches: NetworkBranches,
                         family: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The per-call attributes a run starts with, as the stock ``__call__`` sets them before its
-        loop: ``_guidance_scale`` is the method's ``scale`` (``guidance=None``: the stock CFG scale,
-        ``guidance_scale``; a named method: its scale; less :attr:`stock_scale_offset`), ``_guidance_rescale`` its ``rescale`` (0
-        without), ``_interrupt`` False, the attention kwargs under the name this stock class reads
-        them, then the family's own values (``family``: ``_clip_skip``, Flux's embedded
-        ``_guidance_scale``, ...), which replace these. ``_num_timesteps`` is set at the first step
-        (:class:`RunGuidance`), ``_current_timestep`` at each callback (None after the run)."""
-        values: dict[str, Any] = {"_guidance_scale": guidance.scale - self.stock_scale_offset,
-                                  "_guidance_rescale": getattr(guidance, "rescale", 0.0),
-                                  "_interrupt": False, "_current_timestep": None}
+        loop: ``_guidance_scale`` is the method's ``scale`` less :attr:`stock_scale_offset`
+        (``guidance=None``: the stock CFG scale, ``guidance_scale``; a named method: its scale),
+        ``_interrupt`` False, the attention kwargs under the name this stock class reads them, then
+        the family's own values (``family``: ``_clip_skip``, ``_guidance_rescale``, Flux's embedded
+        ``_guidance_scale``, ...), which replace these.
+        ``_num_timesteps`` is set at the first step (:class:`RunGuidance`), ``_current_timestep`` at
+        each callback (None after the run)."""
+        scale = guidance.scale if guidance.scale is None else guidance.scale - self.stock_scale_offset
+        values: dict[str, Any] = {"_guidance_scale": scale, "_interrupt": False, "_current_timestep": None}
         for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
             if isinstance(getattr(type(self), name, None), property):
                 values[f"_{name}"] = branches.cross_attention_kwargs
@@ -796,12 +809,13 @@ class GuidedPipelineMixin:
     def guidance_after_write(self, guide: Guidance, written: Any) -> Guidance | None:
         """The method for the remaining steps after a callback set ``_guidance_scale`` to
         ``written`` (``guide``: the call's method), as the stock loop reads that value at each step.
-        Where the stock class decides by ``do_classifier_free_guidance`` (SD, SDXL, SD3, ...): the
-        conditional prediction alone (CFG at 1, one forward per step) once it reads false (the
-        cutoff callbacks' ``0.0``), whatever the method (its guidance is off, as outside its
-        interval); else ``guide`` at scale ``written`` (plus :attr:`stock_scale_offset`; stock: CFG at
-        the new scale; ValueError outside the method's range). None (no change) where the stock class has no such property
-        (Flux, Flux.2 dev, Qwen-Image embed the value before their loop: writing it changes nothing)."""
+        Where the stock class decides by ``do_classifier_free_guidance`` (SD, SDXL, SD3, Z-Image,
+        Wan, ...): the conditional prediction alone (CFG at 1, one forward per step) once it reads
+        false (the cutoff callbacks' ``0.0``), whatever the method (its guidance is off, as outside
+        its interval); else ``guide`` at scale ``written`` plus :attr:`stock_scale_offset` (stock:
+        CFG at the new scale; ValueError outside the method's range). None (no change) where the
+        stock class has no such property (Flux, Flux.2 dev, Qwen-Image embed the value before their
+        loop: writing it changes nothing)."""
         if not isinstance(getattr(type(self), "do_classifier_free_guidance", None), property):
             return None
         if not self.do_classifier_free_guidance:

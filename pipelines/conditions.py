@@ -196,7 +196,13 @@ def add_text_branches(pipe, branches, guide, encode_texts: Callable[[list[str]],
     """The text branches any text family fills the same way, given ``encode_texts`` (one prompt
     per call prompt -> that family's condition dict, one row per image, as its "cond" holds):
     the method's own prompts (``branch_prompts()``: Perp-Neg's weighted negatives) and, unless the
-    family provides its own, ICG's independent conditions (:func:`random_prompt_conditions`)."""
+    family provides its own, ICG's independent conditions (:func:`random_prompt_conditions`).
+    GFCG's class branches come from :func:`attach_text_gfcg` (the shapes classes of the SD default
+    model); a family without them refuses GFCG here, with the reason."""
+    if _asks_for_classes(guide) and not any(str(name).startswith(CLASS_BRANCH_PREFIX) for name in branches.available()):
+        raise ValueError(f"gfcg: GFCG needs a guide classifier of this model's classes and a prompt per class; the "
+                         f"engine has one for the shapes classes of the SD 1.x default model (and the DiT one), not "
+                         f"for {type(pipe).__name__}")
     for name, text in getattr(guide, "branch_prompts", dict)().items():
         branches.conditions[name] = encode_texts([text] * batch_size)
     for name, provider in random_prompt_conditions(pipe, branches.conditions["cond"], encode_texts,

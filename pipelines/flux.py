@@ -23,23 +23,28 @@ from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import (TransformerBranches, negative_prompt_texts, pack_latents, packed_callback,
                                unpack_latents)
 from .image_input import FlowImageInput, ImageInput, ImageLike, load_image
+from .joint_context_attention import JointContextBranches
 
 __all__ = ["FluxBranches", "GuidedFluxImg2ImgPipeline", "GuidedFluxPipeline", "pack_latents", "unpack_latents"]
 
 
-class FluxBranches(TransformerBranches):
+class FluxBranches(JointContextBranches, TransformerBranches):
     """The branch model over a Flux transformer. ``conditions[b]`` holds branch ``b``'s T5
     embeddings (``encoder_hidden_states``), CLIP's pooled projection (``pooled_projections``) and,
     for a guidance-distilled model, the embedded guidance value per row (``guidance``); the image
     token positions ``img_ids`` are shared, the text positions ``txt_ids`` (zeros, one row per
     text token) follow each branch's embeddings. Branches run in separate forwards, the
-    conditional first, as the stock pipeline runs its true CFG (:class:`TransformerBranches`)."""
+    conditional first, as the stock pipeline runs its true CFG (:class:`TransformerBranches`).
+    NAG's negative text stream rides in partner rows of the guided forward, modulated by the
+    negative's pooled projections as in the authors' Flux pipeline (:mod:`.joint_context_attention`)."""
 
     family = "GuidedFluxPipeline"
     # PAG's identity attention and SEG's blurred queries (on double- and single-stream attention),
-    # skipped blocks (SLG) and TSG's noise on the time-step embedding; SAG's map is not available.
-    perturbations = frozenset({"identity", "blur", "skip"})
+    # skipped blocks (SLG), NAG's second text stream, and TSG's noise on the time-step embedding;
+    # SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
+    context_attention = "flux"  # NAG: their Flux processor's L2 rule, alpha 0.25
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
                  txt_ids: torch.Tensor, joint_attention_kwargs: dict[str, Any] | None = None,
@@ -58,18 +63,21 @@ class FluxBranches(TransformerBranches):
         model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
+        kept = x_in.shape[0]
+        x_in, stacked, spans, negative_text = self.carry_negative_text(
+            model, x_in, stacked, spans, image=slice(stacked("encoder_hidden_states").shape[1], None))
         rows, _, height, width = x_in.shape
         encoder = stacked("encoder_hidden_states")
         txt_ids = self.txt_ids
         if txt_ids.shape[0] != encoder.shape[1]:
             txt_ids = torch.zeros(encoder.shape[1], 3, device=txt_ids.device, dtype=txt_ids.dtype)
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        with self.altered(model, x_in, spans):
+        with negative_text, self.altered(model, x_in, spans):
             out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
                         pooled_projections=stacked("pooled_projections"), encoder_hidden_states=encoder,
                         txt_ids=txt_ids, img_ids=self.img_ids,
                         joint_attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
-        return unpack_latents(out, height, width)
+        return unpack_latents(out[:kept], height, width)
 
 
 class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
@@ -243,7 +251,9 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")},
-            set_timesteps_kwargs={"mu": mu}, start=start)
+            set_timesteps_kwargs={"mu": mu}, start=start,
+            call_attributes={"_guidance_scale": guidance_scale,  # stock: the embedded value
+                             "_joint_attention_kwargs": joint_attention_kwargs or {}})
         if output_type == "latent":
             image = pack_latents(latents)
         else:

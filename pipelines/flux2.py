@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from . import conditions
 from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import TransformerBranches, negative_prompt_texts, packed_callback
+from .joint_context_attention import JointContextBranches
 from .messages import PromptTruncatedWarning
 from .perturbation import ImageTokens
 from .row_plan import image_tokens
@@ -46,7 +47,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return tokens.permute(0, 2, 1).reshape(b, c, height, width)
 
 
-class Flux2Branches(TransformerBranches):
+class Flux2Branches(JointContextBranches, TransformerBranches):
     """The branch model over a Flux.2 transformer. ``conditions[b]`` holds branch ``b``'s stacked
     Qwen3 embeddings (``encoder_hidden_states``) and their 4-D positions (``txt_ids``, one row per
     image); the image positions ``img_ids`` (the latents', then the reference images') and the
@@ -58,8 +59,10 @@ class Flux2Branches(TransformerBranches):
     family = "GuidedFlux2KleinPipeline"
     # PAG's identity attention and SEG's blurred queries on double- and single-stream attention
     # (the latents' tokens; reference-image tokens are conditioning, as the text), skipped blocks
-    # (SLG), TSG's noise on the time-step embedding; SAG's map is not available.
-    perturbations = frozenset({"identity", "blur", "skip"})
+    # (SLG), NAG's second text stream (its rule on the whole image stream, reference tokens too, as
+    # the authors' Flux processor on everything after the text), TSG's noise on the time-step
+    # embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_ids: torch.Tensor,
@@ -79,6 +82,9 @@ class Flux2Branches(TransformerBranches):
         model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
+        kept = x_in.shape[0]
+        x_in, stacked, spans, negative_text = self.carry_negative_text(
+            model, x_in, stacked, spans, image=slice(stacked("encoder_hidden_states").shape[1], None))
         rows, _, height, width = x_in.shape
         tokens = pack_latents(x_in)
         if self.reference_tokens is not None:  # after the latents' tokens, as the stock input
@@ -86,13 +92,13 @@ class Flux2Branches(TransformerBranches):
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
         # The latents are patchified already: one token per latent position, then the references'.
         layout = ImageTokens(height, width, context=tokens.shape[1] - height * width)
-        with self.altered(model, x_in, spans), image_tokens(layout):
+        with negative_text, self.altered(model, x_in, spans), image_tokens(layout):
             # the embedded guidance of a guidance-distilled model (Flux.2 [dev]); Klein has none (None)
             out = model(hidden_states=tokens.to(model.dtype), timestep=timestep / 1000, guidance=stacked("guidance"),
                         encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids"),
                         img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs,
                         return_dict=False)[0]
-        return unpack_latents(out[:, :height * width], height, width)
+        return unpack_latents(out[:kept, :height * width], height, width)
 
 
 class GuidedFlux2KleinPipeline(GuidedPipelineMixin, Flux2KleinPipeline):
@@ -219,16 +225,19 @@ class GuidedFlux2KleinPipeline(GuidedPipelineMixin, Flux2KleinPipeline):
             num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
             particle_output=particle_output, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
-            return_dict=return_dict, warnings=cut)
+            return_dict=return_dict, warnings=cut,
+            call_attributes={"_guidance_scale": scale} if guidance is None else None)  # stock: the call's scale
 
     def sample_and_decode(self, branches: Flux2Branches, guide, shape: tuple[int, ...], *, device, generator,
                           latents: torch.Tensor | None, num_inference_steps: int, sigmas, sampler: str | None,
                           eta: float | None, particle_output: str, callback_on_step_end,
                           callback_on_step_end_tensor_inputs: list[str], output_type: str, return_dict: bool,
-                          warnings: list[str]) -> GuidedPipelineOutput | tuple:
+                          warnings: list[str], call_attributes: dict[str, Any] | None = None
+                          ) -> GuidedPipelineOutput | tuple:
         """The rest of a Flux.2 call once its branches are built (Klein and [dev] alike): the stock
         schedule (``linspace(1, 1/n, n)`` with the empirical ``mu``), the core run (callbacks see
-        the latents as tokens), the family's decoding."""
+        the latents as tokens), the family's decoding. ``call_attributes``: the family's stock
+        per-call attribute values (:meth:`GuidedPipelineMixin.call_attributes`)."""
         latent_h, latent_w = shape[-2:]
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
@@ -246,7 +255,8 @@ class GuidedFlux2KleinPipeline(GuidedPipelineMixin, Flux2KleinPipeline):
             particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
             timesteps=None, sigmas=sigmas, eta=eta, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")}, set_timesteps_kwargs={"mu": mu})
+            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")}, set_timesteps_kwargs={"mu": mu},
+            call_attributes=call_attributes)
         image = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -187,7 +187,8 @@ class GuidedFlux2Pipeline(GuidedPipelineMixin, Flux2Pipeline):
             num_inference_steps=num_inference_steps, sigmas=sigmas, sampler=sampler, eta=eta,
             particle_output=particle_output, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, output_type=output_type,
-            return_dict=return_dict, warnings=cut)
+            return_dict=return_dict, warnings=cut,
+            call_attributes={"_guidance_scale": guidance_scale})  # stock: the embedded value
 
     @staticmethod
     def check_embedded_scale(guidance_scale: Any) -> None:

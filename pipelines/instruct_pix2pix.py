@@ -154,7 +154,8 @@ class GuidedStableDiffusionInstructPix2PixPipeline(GuidedPipelineMixin, StableDi
             particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
             timesteps=None, sigmas=None, eta=eta, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            callback_tensors=CALLBACK_TENSORS)
+            callback_tensors=CALLBACK_TENSORS, call_attributes={"_image_guidance_scale": getattr(
+                guide, conditions.IMAGE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE)})  # read by do_classifier_free_guidance
         images, has_nsfw = self.decode_output(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -47,7 +47,8 @@ from .flow_attention import (ImageTokens, call_processor, flow_layout, flux_iden
 from .query_blur import gaussian_blur_queries, token_grid
 
 __all__ = ["DEFAULT_LAYERS", "ImageTokens", "block_stacks", "flux_identity_mask", "gaussian_blur_queries",
-           "identity_mask", "model_family", "packed_tokens", "perturbed_rows", "resolve_layers", "skipping_forward"]
+           "identity_mask", "merge_rows", "model_family", "packed_tokens", "perturbed_rows", "plain_rows",
+           "resolve_layers", "skipping_forward"]
 
 DEFAULT_LAYERS: dict[str, tuple[str | int, ...]] = {"unet": ("mid",), "transformer": (7, 8, 9)}
 _SHORT = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
@@ -294,7 +295,7 @@ def take_rows(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
     return value
 
 
-def _plain_rows(batch: int, segments: Sequence[tuple[int, int, Any]]) -> torch.Tensor | slice | None:
+def plain_rows(batch: int, segments: Sequence[tuple[int, int, Any]]) -> torch.Tensor | slice | None:
     """The rows outside every segment: a slice when contiguous, an index, or None when none."""
     taken = torch.zeros(batch, dtype=torch.bool)
     for start, end, _ in segments:
@@ -318,7 +319,7 @@ def perturbed_rows(original: Callable, attn, hidden_states: torch.Tensor, encode
     ``tokens``: a flow transformer's image-token layout (None: :func:`packed_tokens` of ``latent_hw``)."""
     batch = hidden_states.shape[0]
     parts: list[tuple[torch.Tensor | slice, torch.Tensor]] = []
-    plain = _plain_rows(batch, segments)
+    plain = plain_rows(batch, segments)
     if plain is not None:
         parts.append((plain, call_processor(original, attn, hidden_states[plain],
                                    take_rows(encoder_hidden_states, plain, batch),
@@ -343,11 +344,11 @@ def perturbed_rows(original: Callable, attn, hidden_states: torch.Tensor, encode
             parts.append((rows, _perturbed_attention(attn, hidden_states[rows], take_rows(kwargs.get("temb"), rows, batch),
                                                      perturbation, latent_hw)))
     if joint:
-        return tuple(_merge([(rows, value[k]) for rows, value in parts], batch) for k in range(2))
-    return _merge(parts, batch)
+        return tuple(merge_rows([(rows, value[k]) for rows, value in parts], batch) for k in range(2))
+    return merge_rows(parts, batch)
 
 
-def _merge(parts: Sequence[tuple[torch.Tensor | slice, torch.Tensor]], batch: int) -> torch.Tensor:
+def merge_rows(parts: Sequence[tuple[torch.Tensor | slice, torch.Tensor]], batch: int) -> torch.Tensor:
     """One tensor of ``batch`` rows from the row groups' results."""
     out: torch.Tensor | None = None
     for rows, value in parts:
@@ -371,7 +372,7 @@ def skipping_forward(block: nn.Module, forward: Callable, segments: Sequence[tup
             raise ValueError(f"perturbation 'skip': a {type(block).__name__} given {joined} returns it joined to "
                              "its input, not supported (its transformer passes one joint sequence)")
         batch = inputs[names[-1]].shape[0]  # the image stream (or the joint sequence)
-        plain = _plain_rows(batch, segments)
+        plain = plain_rows(batch, segments)
         passed = tuple(inputs.get(name) for name in names)
         if plain is None:
             return passed[0] if len(names) == 1 else passed

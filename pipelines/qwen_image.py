@@ -31,6 +31,7 @@ from . import conditions
 from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import (TransformerBranches, negative_prompt_texts, pack_latents, packed_callback,
                                unpack_latents)
+from .joint_context_attention import JointContextBranches
 from .messages import PromptTruncatedWarning
 
 __all__ = ["GuidedQwenImagePipeline", "QwenImageBranches"]
@@ -56,7 +57,7 @@ def check_embeddings(name: str, embeds: torch.Tensor | None, mask: torch.Tensor 
                          f"of {name}), got {got}")
 
 
-class QwenImageBranches(TransformerBranches):
+class QwenImageBranches(JointContextBranches, TransformerBranches):
     """The branch model over a Qwen-Image transformer. ``conditions[b]`` holds branch ``b``'s
     Qwen2.5-VL embeddings (``encoder_hidden_states``), their padding mask
     (``encoder_hidden_states_mask``, absent when no token is padding) and, for a
@@ -67,9 +68,10 @@ class QwenImageBranches(TransformerBranches):
 
     family = "GuidedQwenImagePipeline"
     # PAG's identity attention (with the text padding mask) and SEG's blurred queries on the joint
-    # attention, skipped blocks (SLG), TSG's noise on the time-step embedding; SAG's map is not
-    # available.
-    perturbations = frozenset({"identity", "blur", "skip"})
+    # attention, skipped blocks (SLG), NAG's second text stream (in partner rows; the prompt's and
+    # the negative's embeddings padded to one length, the padding masked), TSG's noise on the
+    # time-step embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, img_shape: tuple[int, int, int],
@@ -87,15 +89,18 @@ class QwenImageBranches(TransformerBranches):
         model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
+        kept = x_in.shape[0]
+        x_in, stacked, spans, negative_text = self.carry_negative_text(
+            model, x_in, stacked, spans, text_mask=("encoder_hidden_states", MASK_KEY))
         rows, _, height, width = x_in.shape
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        with self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches, the image stream
+        with negative_text, self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches
             out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
                         encoder_hidden_states_mask=stacked(MASK_KEY),
                         encoder_hidden_states=stacked("encoder_hidden_states"),
                         img_shapes=[[self.img_shape]] * rows, attention_kwargs=self.cross_attention_kwargs or {},
                         return_dict=False)[0]
-        return unpack_latents(out, height, width)
+        return unpack_latents(out[:kept], height, width)
 
 
 class GuidedQwenImagePipeline(GuidedPipelineMixin, QwenImagePipeline):
@@ -235,7 +240,9 @@ class GuidedQwenImagePipeline(GuidedPipelineMixin, QwenImagePipeline):
             sampler=sampler, num_inference_steps=num_inference_steps, timesteps=None, sigmas=sigmas, eta=eta,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")}, set_timesteps_kwargs={"mu": mu})
+            callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states")}, set_timesteps_kwargs={"mu": mu},
+            call_attributes={"_guidance_scale": guidance_scale,  # stock: the embedded value
+                             "_attention_kwargs": attention_kwargs or {}})  # stock: {} for None
         image = self.decode_latents(latents, height, width, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

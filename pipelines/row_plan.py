@@ -35,7 +35,8 @@ from torch import nn
 from .attention_probe import record_attention
 from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 
-__all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "image_tokens", "install_block",
+__all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
+           "install_block",
            "install_processor", "install_time_hook", "original_processor", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
@@ -128,7 +129,7 @@ class PlanProcessor:
 _DISPATCHERS: dict[type, type] = {}
 
 
-def _dispatcher_class(original: Callable) -> type:
+def dispatcher_class(original: Callable) -> type:
     """A PlanProcessor subclass whose ``__call__`` has the original class's signature (diffusers
     filters ``cross_attention_kwargs`` by the processor's signature)."""
     kind = type(original)
@@ -159,7 +160,7 @@ def install_processor(module: nn.Module) -> None:
     replaced since, e.g. by ``set_attn_processor``)."""
     with _INSTALL:
         if not isinstance(module.processor, PlanProcessor):
-            module.processor = _dispatcher_class(module.processor)(module.processor)
+            module.processor = dispatcher_class(module.processor)(module.processor)
 
 
 # --------------------------------------------------------------------------- transformer blocks

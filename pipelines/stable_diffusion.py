@@ -149,9 +149,9 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
 
         if negative_branch is not None:
             conditions.add_negative_branch(branches, encode_texts(*negative_branch))
-        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
         guide = conditions.attach_text_gfcg(self, guide, branches, prompt, num_images_per_prompt, lambda texts: self.encode_prompt(
             texts, device, num_images_per_prompt, False, lora_scale=lora_scale, clip_skip=clip_skip)[0])
+        conditions.add_text_branches(self, branches, guide, encode_texts, batch_size=batch_size, generator=generator)
 
         latents, nfe_per_image, state = self.denoise(
             branches, guide, shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
@@ -159,7 +159,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
             timesteps=timesteps, sigmas=sigmas, eta=eta, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
-                              "negative_prompt_embeds": ("uncond", "encoder_hidden_states")})
+                              "negative_prompt_embeds": ("uncond", "encoder_hidden_states")},
+            call_attributes={"_clip_skip": clip_skip, "_guidance_rescale": guidance_rescale})
         if output_type == "latent":
             image, has_nsfw = latents, None
         else:

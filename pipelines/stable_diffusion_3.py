@@ -12,13 +12,18 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .joint_context_attention import JointContextBranches
 
 
-class TransformerBranches(NetworkBranches):
+class TransformerBranches(JointContextBranches, NetworkBranches):
     """The branch model over an SD3 transformer: one forward, rows of each branch with that
     branch's text embeddings and pooled projections (stock order: unconditional first). Skipped
     blocks (SLG) act on their branch's rows inside that forward; the stock pipeline instead runs
-    its skip-layer branch as a separate forward."""
+    its skip-layer branch as a separate forward. NAG's negative text stream rides in partner rows
+    of the same forward (:mod:`.joint_context_attention`), modulated by the prompt's pooled
+    projections as in the authors' SD3 pipeline."""
+
+    context_attention = "joint"  # NAG: their SD3 processor's L1 rule, alpha 0.125
 
     def check_alterations(self, branch, owner: str = "guidance") -> None:
         if branch.time_noise > 0:
@@ -33,11 +38,14 @@ class TransformerBranches(NetworkBranches):
         model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
-        with self.altered(model, x_in, spans):
+        rows = x_in.shape[0]
+        x_in, stacked, spans, negative_text = self.carry_negative_text(model, x_in, stacked, spans,
+                                                                       own=("pooled_projections",))
+        with negative_text, self.altered(model, x_in, spans):
             return model(hidden_states=x_in, timestep=timestep.expand(x_in.shape[0]),
                          encoder_hidden_states=stacked("encoder_hidden_states"),
                          pooled_projections=stacked("pooled_projections"),
-                         joint_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+                         joint_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0][:rows]
 
 
 class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):
@@ -175,7 +183,8 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                               "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
                               "pooled_prompt_embeds": ("cond", "pooled_projections"),
                               "negative_pooled_prompt_embeds": ("uncond", "pooled_projections")},
-            set_timesteps_kwargs=shift)
+            set_timesteps_kwargs=shift,
+            call_attributes={"_clip_skip": clip_skip, "_skip_layer_guidance_scale": skip_layer_guidance_scale})
         if output_type == "latent":
             image = latents
         else:

@@ -139,7 +139,9 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                               "add_text_embeds": ("cond", "text_embeds"),
                               "negative_pooled_prompt_embeds": ("uncond", "text_embeds"),
                               "add_time_ids": ("cond", "time_ids"),
-                              "negative_add_time_ids": ("uncond", "time_ids")})
+                              "negative_add_time_ids": ("uncond", "time_ids")},
+            call_attributes={"_clip_skip": clip_skip, "_guidance_rescale": guidance_rescale, "_denoising_start": None,
+                             "_denoising_end": None})
         if output_type == "latent":
             image = latents
         else:

@@ -23,8 +23,9 @@ Layer methods alter Wan's blocks through :mod:`.wan_attention`: SLG/STG's skippe
 identity and SEG's per-frame blurred queries on the video self-attention, NAG on the
 cross-attention, TSG's noise on the time-step MLP (``condition_embedder.time_embedder``); SAG is
 refused. Deviations from the stock pipeline: given ``prompt_embeds`` / ``negative_prompt_embeds``
-are repeated per video (the stock call fails with ``num_videos_per_prompt > 1`` there); the stock
-per-call attributes (``pipe.guidance_scale``, ``pipe.num_timesteps``, ``interrupt``) are not set.
+are repeated per video (the stock call fails with ``num_videos_per_prompt > 1`` there). The stock
+per-call attributes (``pipe.guidance_scale``, ``pipe.num_timesteps``, ``interrupt``) are each
+call's own (:class:`~.common.CallAttribute`).
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ class GuidedWanPipeline(GuidedPipelineMixin, WanPipeline):
             branches, guide, shape, dtype=torch.float32, device=self._execution_device, generator=generator,
             latents=latents, particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
             timesteps=None, sigmas=None, eta=eta, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, callback_tensors=CALLBACK_TENSORS)
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, callback_tensors=CALLBACK_TENSORS,
+            call_attributes={"_guidance_scale_2": getattr(guide, "scale_2", None)})  # Wan 2.2's stock recipe
         if output_type != "latent":
             video = self.decode_video(video, output_type)
         self.maybe_free_model_hooks()

@@ -27,6 +27,7 @@ from guidance_engine.guidance import Guidance
 from . import conditions
 from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .flow_transformer import TransformerBranches, negative_prompt_texts
+from .joint_context_attention import JointContextBranches
 from .messages import PromptTruncatedWarning
 from .perturbation import ImageTokens
 from .row_plan import image_tokens
@@ -83,7 +84,7 @@ def unpad_texts(feats: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor
     return [row[:length] for row, length in zip(feats, lengths.tolist())]
 
 
-class ZImageBranches(TransformerBranches):
+class ZImageBranches(JointContextBranches, TransformerBranches):
     """The branch model over a Z-Image transformer. ``conditions[b]`` holds branch ``b``'s text
     embeddings padded to one common length (``cap_feats``) and each row's length
     (``cap_lengths``). The branches run in ONE forward, the conditional rows first, as the stock
@@ -94,9 +95,11 @@ class ZImageBranches(TransformerBranches):
     family = "GuidedZImagePipeline"
     separate_forwards = False
     # PAG's identity attention (with the model's padding mask) and SEG's blurred queries on the
-    # image tokens of the main layers and the image refiner, skipped blocks (SLG), TSG's noise on
-    # the time-step embedding; SAG's map is not available.
-    perturbations = frozenset({"identity", "blur", "skip"})
+    # image tokens of the main layers and the image refiner, skipped blocks (SLG), NAG's second text
+    # stream (partner rows after all others, their captions the negative's; the main layers are
+    # single-stream: both rows get the guided image tokens), TSG's noise on the time-step
+    # embedding; SAG's map is not available.
+    perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 
     def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor,
@@ -117,16 +120,19 @@ class ZImageBranches(TransformerBranches):
         model = self.model if model is None else model
         for _, _, branch in spans:
             self.check_alterations(branch)
-        captions = unpad_texts(stacked(TEXT_KEY), stacked(LENGTH_KEY))
-        t = (TRAIN_TIMESTEPS - timestep.expand(x_in.shape[0])) / TRAIN_TIMESTEPS  # as the stock loop
-        latents = list(x_in.to(model.dtype).unsqueeze(2).unbind(0))  # (C, 1, H, W) per sample
+        kept = x_in.shape[0]
         # The image first in every sequence: its 2 x 2 patches, padded to a multiple of SEQ_MULTI_OF tokens.
         rows, columns = x_in.shape[-2] // 2, x_in.shape[-1] // 2
         layout = ImageTokens(rows, columns, padding=-(rows * columns) % SEQ_MULTI_OF)
-        with self.altered(model, x_in, spans), image_tokens(layout):
+        x_in, stacked, spans, negative_text = self.carry_negative_text(model, x_in, stacked, spans,
+                                                                       image=slice(0, layout.image))
+        captions = unpad_texts(stacked(TEXT_KEY), stacked(LENGTH_KEY))
+        t = (TRAIN_TIMESTEPS - timestep.expand(x_in.shape[0])) / TRAIN_TIMESTEPS  # as the stock loop
+        latents = list(x_in.to(model.dtype).unsqueeze(2).unbind(0))  # (C, 1, H, W) per sample
+        with negative_text, self.altered(model, x_in, spans), image_tokens(layout):
             out = model(latents, t, captions, joint_attention_kwargs=self.cross_attention_kwargs,
                         return_dict=False)[0]
-        return -torch.stack([o.float() for o in out]).squeeze(2)
+        return -torch.stack([o.float() for o in out[:kept]]).squeeze(2)
 
 
 def listed_callback(callback, branches: ZImageBranches):
@@ -160,6 +166,8 @@ class GuidedZImagePipeline(GuidedPipelineMixin, ZImagePipeline):
     the same strength as in the stock recipe; without ``guidance_scale`` the method keeps its own
     scale. The unconditional branch is the negative prompt, else the empty prompt (the stock
     default)."""
+
+    stock_scale_offset = 1.0  # the method's scale w is the stock s + 1 (pipe.guidance_scale reads s)
 
     @torch.no_grad()
     def __call__(
@@ -260,7 +268,8 @@ class GuidedZImagePipeline(GuidedPipelineMixin, ZImagePipeline):
             particle_output=particle_output, sampler=sampler, num_inference_steps=num_inference_steps,
             timesteps=None, sigmas=sigmas, eta=eta, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            callback_tensors={"prompt_embeds": ("cond", TEXT_KEY)}, set_timesteps_kwargs={"mu": mu})
+            callback_tensors={"prompt_embeds": ("cond", TEXT_KEY)}, set_timesteps_kwargs={"mu": mu},
+            call_attributes={"_cfg_normalization": cfg_normalization, "_cfg_truncation": cfg_truncation})
         if output_type == "latent":
             image = latents
         else:

@@ -196,8 +196,8 @@ def test_reading_an_attention_map_is_refused_before_any_forward(chroma_pair) -> 
 def test_missing_branches_are_refused_before_any_forward(chroma_pair) -> None:
     _, guided = chroma_pair
     calls = refuse_forwards(guided)
-    with pytest.raises(ValueError, match=r"method 'gfcg' needs branch"):
-        guided(PROMPT, guidance="gfcg", generator=seeded(0), **CALL)
+    with pytest.raises(ValueError, match=r"method 'dual_cfg' needs branch"):
+        guided(PROMPT, guidance="dual_cfg", generator=seeded(0), **CALL)
     assert calls == []
 
 

@@ -98,6 +98,24 @@ def _wan():
         "prompt": PROMPT, "height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 16}
 
 
+def _ltx():
+    from guidance_engine.pipelines import GuidedLTXPipeline
+    from guidance_engine.pipelines.toy.tiny_ltx import tiny_ltx_components
+
+    return GuidedLTXPipeline(**tiny_ltx_components(0)), "transformer", {
+        "prompt": PROMPT, "height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16}
+
+
+def _hunyuan_video15():
+    from guidance_engine.pipelines import GuidedHunyuanVideo15Pipeline
+    from guidance_engine.pipelines.toy.tiny_hunyuan_video15 import tiny_hunyuan_video15_components
+
+    pipe = GuidedHunyuanVideo15Pipeline(**tiny_hunyuan_video15_components(0))
+    # the stock text lengths (Qwen 1000, ByT5 256, 729 image tokens) shortened, as tests/test_hunyuan_video15.py
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 32, 16, 8
+    return pipe, "transformer", {"prompt": PROMPT, "height": 32, "width": 32, "num_frames": 5}
+
+
 def _dit():
     from guidance_engine.pipelines import GuidedDiTPipeline
     from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
@@ -108,11 +126,12 @@ def _dit():
 
 #: Layer-level methods on the tiny transformers: block 0 (the family defaults 7, 8, 9 do not exist there).
 TINY_BLOCKS = {"SD3": [0], "Flux.1": [0], "Flux.2 [dev]": [0], "Flux.2 Klein": [0], "Chroma": [0], "Qwen-Image": [0],
-               "Z-Image": [0], "Wan": [0], "DiT": [0]}
+               "Z-Image": [0], "Wan": [0], "LTX-Video": [0], "HunyuanVideo 1.5": [0], "DiT": [0]}
 
 FAMILIES: dict[str, Callable[[], tuple[Any, str, dict[str, Any]]]] = {
     "SD 1.x/2.x": _sd, "SDXL": _sdxl, "SD3": _sd3, "Flux.1": _flux, "Flux.2 [dev]": _flux2_dev, "Flux.2 Klein": _flux2_klein,
-    "Chroma": _chroma, "Qwen-Image": _qwen_image, "Z-Image": _z_image, "Wan": _wan, "DiT": _dit}
+    "Chroma": _chroma, "Qwen-Image": _qwen_image, "Z-Image": _z_image, "Wan": _wan, "LTX-Video": _ltx,
+    "HunyuanVideo 1.5": _hunyuan_video15, "DiT": _dit}
 
 
 def outcome(family: str, name: str, pipe, network: str, inputs: dict[str, Any]) -> str:

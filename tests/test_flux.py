@@ -126,5 +126,5 @@ def test_other_branches_and_particles_run(flux_pair, guidance, extra) -> None:
 def test_missing_branches_are_refused_before_any_forward(flux_pair) -> None:
     _, guided = flux_pair
     guided.transformer.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the transformer ran"))
-    with pytest.raises(ValueError, match=r"method 'gfcg' needs branch"):
-        guided(PROMPT, guidance="gfcg", generator=seeded(0), **CALL)
+    with pytest.raises(ValueError, match=r"method 'dual_cfg' needs branch"):
+        guided(PROMPT, guidance="dual_cfg", generator=seeded(0), **CALL)

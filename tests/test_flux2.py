@@ -237,8 +237,8 @@ def test_missing_branches_are_refused_before_any_transformer_forward(pair) -> No
     _, guided = pair
     calls = []
     guided.transformer.forward = lambda *a, **k: calls.append(1)  # the prompts may be encoded
-    with pytest.raises(ValueError, match=r"method 'gfcg' needs branch"):
-        guided(prompt=PROMPT, guidance="gfcg", generator=seeded(0), **CALL)
+    with pytest.raises(ValueError, match=r"method 'dual_cfg' needs branch"):
+        guided(prompt=PROMPT, guidance="dual_cfg", generator=seeded(0), **CALL)
     assert calls == []
 
 

@@ -245,7 +245,7 @@ def test_layer_methods_run_and_leave_the_model_as_it_was(pair, spec, nfe) -> Non
 
 @pytest.mark.parametrize("guidance, message", [
     ("sag", r"method 'sag' reads a plain self-attention map, which GuidedFlux2Pipeline"),
-    ("gfcg", r"method 'gfcg' needs branch"),
+    ("dual_cfg", r"method 'dual_cfg' needs branch"),
     ("slg", r"transformer block indices 0\.\.0 \(double-stream\)")])  # its default layers 7, 8, 9
 def test_unavailable_methods_are_refused_before_any_transformer_forward(pair, guidance, message) -> None:
     _, guided = pair

@@ -192,7 +192,8 @@ def test_pipelines_without_a_classifier_refuse_before_the_model(sdxl_pair, tiny_
     _, guided = sdxl_pair
     calls = []
     guided.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
-    with pytest.raises(ValueError, match=r"method 'gfcg' needs branch\(es\) \['gfcg_class_0'\]"):
+    with pytest.raises(ValueError, match=r"gfcg: GFCG needs a guide classifier of this model's classes and a prompt "
+                                         r"per class; .* not for GuidedStableDiffusionXLPipeline"):
         guided(PROMPT, num_inference_steps=2, guidance="gfcg")
     tiny_dit.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
     with pytest.raises(ValueError, match=r"gfcg_classifier: GFCG needs a classifier of this model's classes"):

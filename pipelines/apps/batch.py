@@ -411,6 +411,8 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
+    from guidance_engine.samplers.loop import resolve_sampler
+
     from ..models import generate_from_prompts, load_pipeline
 
     diffusers_logging.disable_progress_bar()
@@ -450,6 +452,8 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
                     generator=generators, height=common["height"], width=common["width"], eta=common["eta"],
                     output_type="pil")
             seconds = (time.perf_counter() - start) / len(prompts)
+            solver = resolve_sampler(None if common["sampler"] == "auto" else common["sampler"],
+                                     resolve_guidance(first.guidance), pipe.scheduler)
             row = 0
             for unit in batch:
                 for j, i in enumerate(unit.images):
@@ -465,7 +469,11 @@ def _generate(units: list[Unit], out: Path, common: dict[str, Any], batch_size: 
                     if unit.coupled:  # rebuilding needs the whole group
                         entry["group_images"] = unit.images
                         entry["group_seeds"] = unit.seeds
-                    cli_common.atomic_save_png(image, out / name, entry)  # the image, then its line
+                    text = cli_common.png_parameters(
+                        unit.spec.prompt, unit.spec.negative_prompt, pipe=pipe, guidance=result.guidance,
+                        sampler=solver, steps=common["steps"], seed=unit.seeds[j], size=image.size,
+                        model=_model_arg(common["model"]))
+                    cli_common.atomic_save_png(image, out / name, entry, text)  # the image, then its line
                     shard.write(entry)
                     unit.done[j] = True
                     written += 1

@@ -31,15 +31,24 @@ from guidance_engine.samplers import SAMPLER_NAMES, SAMPLERS  # noqa: E402
 
 from . import cli_common  # noqa: E402
 from .batch import add_batch_parser  # noqa: E402
-from .cli_checks import (check_device, check_eta, check_int, check_model_directory, check_outputs,  # noqa: E402
-                         check_run_settings, check_seeds, check_size, check_steps)
+from .cli_checks import (check_device, check_eta, check_int, check_model_directory, check_model_options,  # noqa: E402
+                         check_outputs, check_run_settings, check_seeds, check_size, check_steps)
 from .cli_image import add_image_parsers  # noqa: E402
 from .demo_cli import add_demo_parser  # noqa: E402
 from ..messages import PromptTruncatedWarning  # noqa: E402
-from ..models import DIT_SHORTHAND, generate_from_prompts, is_class_conditional, refuse_text_options  # noqa: E402
+from ..models import (DIT_SHORTHAND, generate_from_prompts, is_class_conditional, is_single_file,  # noqa: E402
+                      refuse_text_options)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..models import is_video_model
+
+    if is_video_model(args.model):  # a text-to-video (Wan) checkpoint writes clips
+        from .video_io import cmd_generate_video
+        return cmd_generate_video(args)
+    if args.num_frames is not None:
+        raise ValueError(f"--num-frames: only video models take it, got {args.num_frames} for an image model")
+    args.output = args.output or "out.png"
     import torch
 
     params = cli_common.parse_params(args.param)
@@ -52,16 +61,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_size("--width", args.width)
     check_eta(args.eta)
     check_device(args.device)
-    check_model_directory(args.model)
-    check_steps(args.steps, args.model)
     paths = cli_common.output_paths(Path(args.output), args.num_images)
     check_outputs("-o/--output", paths, args.overwrite)
-    # last: the one check that reads the model's scheduler (its config, through diffusers)
-    check_run_settings(guidance, args.model, steps=args.steps, sampler=args.sampler, eta=args.eta)
+    if not is_single_file(args.model):  # a directory's step bound is in its JSON: no model stack yet
+        check_model_directory(args.model)
+        check_steps(args.steps, args.model)
+    options, scheduler = check_model_options(args)  # reads the model's configs (through diffusers)
+    check_steps(args.steps, args.model, scheduler)
+    # last: the checks that read the model's scheduler (its config, through diffusers)
+    settings = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, karras=options.karras,
+                    timesteps=options.timesteps)
+    check_run_settings(guidance, args.model, scheduler=scheduler, **settings)
     if is_class_conditional(args.model):  # the prompt is a class: refuse text-only options before loading
         refuse_text_options(**{"--negative-prompt": args.negative_prompt, "--height": args.height,
                                 "--width": args.width})
-    pipe = cli_common.load_quietly(args.model, args.device, args.dtype)
+    pipe = cli_common.load_quietly(args.model, args.device, args.dtype, options)
+    if scheduler is None:  # its configs came with the weights: check against the loaded scheduler
+        check_run_settings(guidance, None, scheduler=pipe.scheduler, **settings)
     if args.attention != "sdpa":
         in_effect = pipe.set_attention(args.attention)
         if in_effect != args.attention:
@@ -69,16 +85,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cut = cli_common.warn_truncated(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt) \
         if not is_class_conditional(args.model) else []
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
+    timesteps = None if options.timesteps is None else list(options.timesteps)
     start = time.perf_counter()
     out = generate_from_prompts(pipe, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                                 width=args.width, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
-                                guidance=guidance, sampler=args.sampler, generator=generators, eta=args.eta)
+                                guidance=guidance, sampler=args.sampler, generator=generators, eta=args.eta,
+                                **({"timesteps": timesteps} if timesteps is not None else {}))
     seconds = time.perf_counter() - start
+    from guidance_engine.samplers.loop import resolve_sampler  # after the checks: it imports diffusers
+
+    solver = resolve_sampler(args.sampler, guidance, pipe.scheduler)
     for i, (image, path) in enumerate(zip(out.images, paths)):
         meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance": guidance.to_dict(),
                 "sampler": args.sampler or "auto", "steps": args.steps, "seed": args.seed + i,
-                "model": str(args.model or "default"), "nfe": out.nfe, "warnings": cut}
-        cli_common.atomic_save_png(image, path, meta)
+                "model": str(args.model or "default"), **options.metadata(), "nfe": out.nfe, "warnings": cut}
+        text = cli_common.png_parameters(args.prompt, args.negative_prompt, pipe=pipe, guidance=guidance.to_dict(),
+                                         sampler=solver, steps=args.steps, seed=args.seed + i, size=image.size,
+                                         model=args.model, options=options)
+        cli_common.atomic_save_png(image, path, meta, text)
         print(f"wrote {path}")
     print(f"method {guidance.name}, {out.nfe:g} network evaluations per image, {seconds:.2f} s")
     return 0
@@ -103,15 +127,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     check_int("--seeds", args.seeds, 1, 100000)
     check_device(args.device)
-    check_model_directory(args.model)
-    check_steps(args.steps, args.model)
+    options, scheduler = check_model_options(args)
+    check_steps(args.steps, args.model, scheduler)
     if args.plot:
         check_outputs("--plot", [Path(args.plot)], args.overwrite)
     if is_class_conditional(args.model):
         raise ValueError(f"--model: eval scores text-to-image models on the evaluation prompts, {args.model!r} is "
                          "class-conditional; measure it with benchmarks/gfcg.py (per-class accuracy, FD, paired "
                          "comparisons at equal NFEs)")
-    pipe = cli_common.load_quietly(args.model, args.device)
+    pipe = cli_common.load_quietly(args.model, args.device, options=options)
     pipe.set_progress_bar_config(disable=True)
     rows = evaluate(pipe, methods, prompts=DEFAULT_PROMPTS, seeds=range(args.seeds), steps=args.steps,
                     sampler=args.sampler)
@@ -128,10 +152,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_int("--seeds", args.seeds, 1, 1024)
     check_seeds("--seed", args.seed, args.seeds)
     check_device(args.device)
-    check_model_directory(args.model)
-    check_steps(args.steps, args.model)
+    options, scheduler = check_model_options(args)
+    check_steps(args.steps, args.model, scheduler)
     check_outputs("-o/--output", [Path(args.output)], args.overwrite)
-    pipe = cli_common.load_quietly(args.model, args.device)
+    pipe = cli_common.load_quietly(args.model, args.device, options=options)
     pipe.set_progress_bar_config(disable=True)
     if not is_class_conditional(args.model):
         cli_common.warn_truncated(pipe, prompt=args.prompt)
@@ -255,14 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None,
                      help="image height, a multiple of 8 in [8, 4096] (default: the model's, 32 for the shipped one)")
     gen.add_argument("--width", type=int, default=None, help="image width, as --height")
-    gen.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model; "
-                     f"'{DIT_SHORTHAND}': the shipped class-conditional model)")
+    cli_common.add_model_options(gen, ays=True)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                      help="weights' precision")
     gen.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "triton"),
                      help="attention processor (triton: the project's kernel; falls back to sdpa where it cannot run)")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG file to write (several images: out-0.png, ...)")
+    gen.add_argument("-o", "--output", default=None,
+                     help="file to write: a PNG (default out.png; several images: out-0.png, ...); for a video "
+                     "model (--model video) a .gif, .webp or .mp4 clip (default out.gif) and its settings in "
+                     "<clip>.json")
+    gen.add_argument("--num-frames", type=int, default=None,
+                     help="video models: frames per clip, 4 k + 1 (default: the model's, 9 for the shipped one)")
+    gen.add_argument("--fps", type=int, default=10, help="video models: frames per second of the clip, 1 to 100")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     gen.set_defaults(func=cmd_generate)
 
@@ -294,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=20, help="denoising steps")
     ev.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="solver (default: as for generate)")
     ev.add_argument("--plot", default=None, help="write a PNG of the metrics here")
-    ev.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
+    cli_common.add_model_options(ev, ays=False)
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --plot file (default: refuse)")
     ev.set_defaults(func=cmd_eval)
@@ -306,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", type=int, default=4, help="columns: seeds per method, 1 to 1024")
     cmp.add_argument("--seed", type=int, default=0, help="seed of the first column; column i uses seed + i")
     cmp.add_argument("--steps", type=int, default=20, help="denoising steps")
-    cmp.add_argument("--model", default=None, help=f"as for generate ('{DIT_SHORTHAND}': the class-conditional model; "
-                     "the prompt is then a class name)")
+    cli_common.add_model_options(cmp, ays=False, model_help=f"as for generate ('{DIT_SHORTHAND}': the "
+                                 "class-conditional model; the prompt is then a class name)")
     cmp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     cmp.add_argument("-o", "--output", default="compare.png", help="PNG file of the grid")
     cmp.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")

@@ -31,19 +31,21 @@ def _guidance(args: argparse.Namespace):
 
 
 def _check_common(args: argparse.Namespace, outputs: list[Path], guidance, image_strength: float | None = None,
-                  inversion: bool = False) -> None:
-    """Every check of img2img and edit that needs no model, before it loads."""
-    from .cli_checks import (check_device, check_model_directory, check_outputs, check_run_settings,
-                             check_steps)
+                  inversion: bool = False) -> tuple[cli_common.ModelOptions, Any]:
+    """Every check of img2img and edit that needs no model, before it loads; returns the model
+    options and the scheduler the run will use (None: it comes with the weights)."""
+    from .cli_checks import check_device, check_model_options, check_outputs, check_run_settings, check_steps
 
     check_device(args.device)
-    check_model_directory(args.model)
-    check_steps(args.steps, args.model)
+    options, scheduler = check_model_options(args)
+    check_steps(args.steps, args.model, scheduler)
     check_run_settings(guidance, args.model, steps=args.steps, sampler=getattr(args, "sampler", None),
-                       eta=getattr(args, "eta", None), image_strength=image_strength, inversion=inversion)
+                       eta=getattr(args, "eta", None), image_strength=image_strength, inversion=inversion,
+                       scheduler=scheduler, karras=options.karras, timesteps=options.timesteps)
     check_outputs("-o/--output", outputs, args.overwrite)
     if args.grid:
         check_outputs("--grid", [Path(args.grid)], args.overwrite)
+    return options, scheduler
 
 
 def labelled_grid(images: list, labels: list[str], path: Path, zoom: int = 4) -> Path:
@@ -77,17 +79,21 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     check_eta(args.eta)
     paths = cli_common.output_paths(Path(args.output), args.num_images)
     # inpainting at strength 1 starts from pure noise; everything else from the noised image
-    _check_common(args, paths, guidance, None if args.mask and args.strength == 1.0 else args.strength)
+    options, scheduler = _check_common(args, paths, guidance,
+                                       None if args.mask and args.strength == 1.0 else args.strength)
     image = load_image(args.image)
     mask = load_image(args.mask, "mask") if args.mask else None
     if mask is not None and mask.size != image.size:
         raise ValueError(f"--mask: its size {mask.size[0]} x {mask.size[1]} must match the image's "
                          f"{image.size[0]} x {image.size[1]}")
-    _check_image_family(args.model, inpaint=mask is not None)
-    pipe = cli_common.load_quietly(args.model, args.device, args.dtype)
+    _check_image_family(options.family, args.model, inpaint=mask is not None)
+    pipe = cli_common.load_quietly(args.model, args.device, args.dtype, options)
     pipe = _image_pipeline(pipe, inpaint=mask is not None)
+    solver = _loaded_solver(args, guidance, pipe, options, scheduler)
     generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(args.num_images)]
     extra: dict[str, Any] = {"mask_image": mask} if mask is not None else {}
+    if options.timesteps is not None:
+        extra["timesteps"] = list(options.timesteps)
     start = time.perf_counter()
     out = pipe(args.prompt, image=image, strength=args.strength, negative_prompt=args.negative_prompt,
                num_images_per_prompt=args.num_images, num_inference_steps=args.steps, guidance=guidance,
@@ -97,8 +103,11 @@ def cmd_img2img(args: argparse.Namespace) -> int:
         meta = {"command": "inpaint" if mask is not None else "img2img", "image": str(args.image),
                 "mask": str(args.mask) if args.mask else None, "prompt": args.prompt, "strength": args.strength,
                 "guidance": guidance.to_dict(), "sampler": args.sampler or "auto", "steps": args.steps,
-                "seed": args.seed + i, "model": str(args.model or "default"), "nfe": out.nfe}
-        cli_common.atomic_save_png(result, path, meta)
+                "seed": args.seed + i, "model": str(args.model or "default"), **options.metadata(), "nfe": out.nfe}
+        text = cli_common.png_parameters(args.prompt, args.negative_prompt, pipe=pipe, guidance=guidance.to_dict(),
+                                         sampler=solver, steps=args.steps, seed=args.seed + i, size=result.size,
+                                         model=args.model, options=options, strength=args.strength)
+        cli_common.atomic_save_png(result, path, meta, text)
         print(f"wrote {path}")
     if args.grid:
         labels = ["input", *(f"{guidance.name} seed {args.seed + i}" for i in range(args.num_images))]
@@ -114,15 +123,23 @@ _IMAGE_FAMILIES = {"img2img": _TEXT_TO_IMAGE_SD | {"GuidedFluxPipeline", "Guided
                    "editing": _TEXT_TO_IMAGE_SD}
 
 
-def _check_image_family(model, inpaint: bool, edit: bool = False) -> None:
-    """Refuse, before the model loads, a checkpoint whose family lacks this image command."""
-    from ..models import pipeline_class_for, resolve_model
+def _loaded_solver(args: argparse.Namespace, guidance, pipe, options: cli_common.ModelOptions, scheduler) -> str:
+    """The solver the run steps with, on the loaded pipeline's scheduler; checked against it when
+    no scheduler config was at hand before loading (a single file's configs came with it)."""
+    from guidance_engine.samplers.loop import resolve_sampler
 
-    path = Path(resolve_model(model))
-    if not path.is_dir():
-        return  # not a local checkpoint: --model's own check names it
+    from .cli_checks import check_schedule_support
+
+    solver = resolve_sampler(args.sampler, guidance, pipe.scheduler)
+    if scheduler is None:
+        check_schedule_support(solver, pipe.scheduler, karras=options.karras, timesteps=options.timesteps)
+    return solver
+
+
+def _check_image_family(family: str, model, inpaint: bool, edit: bool = False) -> None:
+    """Refuse, before the model loads, a checkpoint whose family (its guided pipeline class name)
+    lacks this image command."""
     command = "editing" if edit else "inpainting" if inpaint else "img2img"
-    family = pipeline_class_for(path).__name__
     if family not in _IMAGE_FAMILIES[command]:
         takes = "Stable Diffusion 1.x/2.x or SDXL" + (", Flux.1, Qwen-Image or Z-Image" if command == "img2img" else "")
         raise ValueError(f"--model: {command} needs a {takes} checkpoint here, got a {family} one ({model})")
@@ -159,10 +176,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from ..image_input import load_image
 
     guidance = _guidance(args)
-    _check_common(args, [Path(args.output)], guidance, inversion=True)
+    options, _ = _check_common(args, [Path(args.output)], guidance, inversion=True)
     image = load_image(args.image)
-    _check_image_family(args.model, inpaint=False, edit=True)
-    pipe = _image_pipeline(cli_common.load_quietly(args.model, args.device, args.dtype), inpaint=False, edit=True)
+    _check_image_family(options.family, args.model, inpaint=False, edit=True)
+    pipe = _image_pipeline(cli_common.load_quietly(args.model, args.device, args.dtype, options), inpaint=False,
+                           edit=True)
     start = time.perf_counter()
     inverted = pipe.invert(image, args.source_prompt, guidance=guidance, num_inference_steps=args.steps)
     outputs = {}
@@ -171,8 +189,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     meta = {"command": "edit", "image": str(args.image), "source_prompt": args.source_prompt,
             "target_prompt": args.target_prompt, "guidance": guidance.to_dict(), "steps": args.steps,
-            "model": str(args.model or "default"), "nfe": inverted.nfe + outputs["edit"].nfe}
-    cli_common.atomic_save_png(outputs["edit"].images[0], Path(args.output), meta)
+            "model": str(args.model or "default"), **options.metadata(), "nfe": inverted.nfe + outputs["edit"].nfe}
+    edited = outputs["edit"].images[0]  # regenerate() steps with the core DDIM solver, eta 0
+    text = cli_common.png_parameters(args.target_prompt, None, pipe=pipe, guidance=guidance.to_dict(),
+                                     sampler="ddim", steps=args.steps, seed=None, size=edited.size,
+                                     model=args.model, options=options)
+    cli_common.atomic_save_png(edited, Path(args.output), meta, text)
     print(f"wrote {args.output}")
     if args.grid:
         labels = ["input", f"reconstruction ({guidance.name})", args.target_prompt]
@@ -184,7 +206,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(parser: argparse.ArgumentParser, method: str, steps: int) -> None:
+def _add_common(parser: argparse.ArgumentParser, method: str, steps: int, ays: bool) -> None:
     from guidance_engine.registry import method_names
 
     parser.add_argument("--method", default=method, help=f"guidance method: {', '.join(method_names())}")
@@ -192,7 +214,7 @@ def _add_common(parser: argparse.ArgumentParser, method: str, steps: int) -> Non
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="another parameter of the method (repeatable)")
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps, 1 to the scheduler's training steps")
-    parser.add_argument("--model", default=None, help="diffusers checkpoint directory (default: the shipped model)")
+    cli_common.add_model_options(parser, ays=ays)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="weights' precision")
@@ -215,7 +237,7 @@ def add_image_parsers(sub) -> None:
     i2i.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     i2i.add_argument("--num-images", type=int, default=1, help="images to generate, 1 to 1024")
     i2i.add_argument("-o", "--output", default="img2img.png", help="PNG file to write (several: img2img-0.png, ...)")
-    _add_common(i2i, "cfg", 30)
+    _add_common(i2i, "cfg", 30, ays=True)
     i2i.set_defaults(func=cmd_img2img)
 
     edit = sub.add_parser("edit", help="invert an image with one prompt, regenerate it with another (CFG++)")
@@ -223,5 +245,5 @@ def add_image_parsers(sub) -> None:
     edit.add_argument("--source-prompt", required=True, help="what the image shows")
     edit.add_argument("--target-prompt", required=True, help="what it should show")
     edit.add_argument("-o", "--output", default="edit.png", help="PNG file to write")
-    _add_common(edit, "cfgpp", 10)
+    _add_common(edit, "cfgpp", 10, ays=False)
     edit.set_defaults(func=cmd_edit)
