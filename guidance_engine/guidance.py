@@ -60,7 +60,7 @@ def describe_range(meta: Mapping[str, Any]) -> str:
     return f"{left}{lo}, {hi}{right}"
 
 
-PERTURBATION_KINDS: tuple[str, ...] = ("identity", "blur", "skip", "extrapolate")
+PERTURBATION_KINDS: tuple[str, ...] = ("identity", "blur", "skip", "extrapolate", "shuffle")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class Perturbation:
     projection: PAG), "blur" blurs the queries with a Gaussian of std ``sigma`` tokens over the
     image grid (``inf``: their mean; SEG), "skip" skips whole transformer blocks (SLG/STG),
     "extrapolate" moves cross-attention outputs away from another condition's context
-    (:class:`ContextExtrapolation`, NAG).
+    (:class:`ContextExtrapolation`, NAG), "shuffle" permutes the tokens entering whole
+    transformer blocks (TPG's :class:`~guidance_engine.methods.tpg.TokenShuffle`).
     ``layers``: where, as block names ("mid", "down.1", "up.0.attentions.1") or transformer block
     indices (7, 8, 9); None is the model family's default. The pipeline resolves the names against
     its network (ValueError before any model call when they select nothing).
@@ -154,6 +155,11 @@ class StepInfo:
     sigma: float
     sigma_next: float
     timestep: float
+    #: The core's in-step evaluator (:class:`~guidance_engine.samplers.loop.StepEvaluator`):
+    #: ``evaluate(x, branches, sigma=None)``, the network on an input a method builds, at this
+    #: step's level or another level of a flow schedule, counted as NFEs (Rectified-CFG++'s
+    #: midpoint, SWG's windows). None outside the core's loop.
+    evaluate: Any = field(default=None, compare=False, repr=False)
 
     @property
     def progress(self) -> float:
@@ -205,6 +211,16 @@ class Guidance:
     #: True when the method needs fresh noise at every step (resampled particles must separate):
     #: the core refuses deterministic solvers before the first model call.
     requires_stochastic_sampler: ClassVar[bool] = False
+    #: True when the method is defined on a flow-matching velocity only (Rectified-CFG++): the core
+    #: refuses other schedules before the first model call.
+    requires_flow: ClassVar[bool] = False
+    #: True when the method evaluates the network on crops of the latent (SWG's windows): a
+    #: pipeline whose forward is laid out for the whole latent refuses it before any model call.
+    evaluates_crops: ClassVar[bool] = False
+    #: True when ``combine`` evaluates the network again inside the step (``StepInfo.evaluate``:
+    #: Rectified-CFG++'s midpoint, SWG's windows): a loop without the core's evaluator (a diffusers
+    #: modular pipeline's) cannot run it.
+    evaluates_in_step: ClassVar[bool] = False
     #: The parameters that ``schedule`` shapes (each checked to stay in its range at every step).
     shaped_scales: ClassVar[tuple[str, ...]] = ("scale",)
     #: What the interval does not switch off: the overrides that, with an empty interval, leave

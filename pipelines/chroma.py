@@ -47,6 +47,7 @@ class ChromaBranches(JointContextBranches, TransformerBranches):
     # on double- and single-stream attention, skipped blocks (SLG), NAG's second text stream (in
     # partner rows, each with its own padding mask: :mod:`.joint_context_attention`), TSG's noise on
     # the time embedding; SAG's map is not available.
+    evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 

@@ -31,6 +31,7 @@ from .context_attention import BoundContext
 from .messages import PromptTruncatedWarning
 from .perturbation import resolve_layers
 from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook, original_processor
+from .shuffle import BLOCK_KINDS
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
 #: What a particle method returns: one image per group drawn by the final weights, or every particle.
@@ -85,6 +86,8 @@ class NetworkBranches:
     """
 
     _ADDED = ("text_embeds", "time_ids")
+    #: Whether the forward takes latents of another spatial size than the call's (SWG's windows).
+    evaluates_crops: bool = True
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]],
                  cross_attention_kwargs: dict[str, Any] | None = None,
@@ -130,7 +133,7 @@ class NetworkBranches:
         if key not in self._layers:
             layers = resolve_layers(model, perturbation, owner)
             for name, module in layers:
-                if perturbation.kind != "skip" and isinstance(original_processor(module), torch.nn.Module):
+                if perturbation.kind not in BLOCK_KINDS and isinstance(original_processor(module), torch.nn.Module):
                     raise ValueError(f"{owner}: layer {name} has a trainable processor "
                                      f"({type(original_processor(module)).__name__}, e.g. IP-Adapter); perturbing it "
                                      "is not supported")
@@ -144,6 +147,9 @@ class NetworkBranches:
         if missing:
             raise ValueError(f"guidance: method {guide.name!r} needs branch(es) {missing}, which this pipeline "
                              f"does not provide (it has {sorted(self.available())})")
+        if guide.evaluates_crops and not self.evaluates_crops:
+            raise ValueError(f"guidance: method {guide.name!r} evaluates the network on crops of the latent, which "
+                             f"{type(self).__name__} cannot (its token layout is fixed by the whole latent)")
         for branch in guide.altered_branches():
             if branch.network is not None and branch.network not in self.networks:
                 raise ValueError(f"guidance: method {guide.name!r} needs a {branch.network!r} network: pass "
@@ -284,13 +290,13 @@ class NetworkBranches:
                 install_processor(module)
                 plan.probes.setdefault(module, []).append((start, end, branch.probe))
             elif branch.perturb is not None:
-                skip = branch.perturb.kind == "skip"
+                blocks = branch.perturb.kind in BLOCK_KINDS  # whole blocks: skipped or shuffled
                 for _, module in self.layers(model, branch.perturb):
-                    if skip:
+                    if blocks:
                         install_block(module)
                     else:
                         install_processor(module)
-                    (plan.blocks if skip else plan.attention).setdefault(module, []).append(
+                    (plan.blocks if blocks else plan.attention).setdefault(module, []).append(
                         (start, end, branch.perturb))
             if branch.probe is None and branch.time_noise > 0:
                 plan.time.append((start, end, branch))

@@ -42,6 +42,7 @@ class FluxBranches(JointContextBranches, TransformerBranches):
     # PAG's identity attention and SEG's blurred queries (on double- and single-stream attention),
     # skipped blocks (SLG), NAG's second text stream, and TSG's noise on the time-step embedding;
     # SAG's map is not available.
+    evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
     context_attention = "flux"  # NAG: their Flux processor's L2 rule, alpha 0.25

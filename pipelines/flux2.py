@@ -62,6 +62,7 @@ class Flux2Branches(JointContextBranches, TransformerBranches):
     # (SLG), NAG's second text stream (its rule on the whole image stream, reference tokens too, as
     # the authors' Flux processor on everything after the text), TSG's noise on the time-step
     # embedding; SAG's map is not available.
+    evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 

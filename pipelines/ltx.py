@@ -137,6 +137,7 @@ class LTXBranches(TransformerBranches):
     separate_forwards = False  # the stock CFG is one batched forward of (uncond, cond)
     # SLG's skipped blocks or self-attentions, PAG's identity and SEG's blur on attn1, NAG on attn2
     # (.ltx_attention); TSG's noise on the time-step MLP; SAG's attention map is refused.
+    evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 

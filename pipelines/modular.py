@@ -62,6 +62,9 @@ def fits_modular(method: Guidance) -> str | None:
                 "the modular loop's one plain forward per branch cannot make")
     if method.renoise_split:
         return "renoises with another prediction than it moves with; the loop's scheduler.step takes one"
+    if method.evaluates_in_step:
+        return ("evaluates the network again inside the step (a midpoint, crops), which the modular loop's one "
+                "forward per branch cannot make")
     if type(method).after_step is not Guidance.after_step or method.group_size() != 1:
         return "acts after each solver step (reweighting, resampling), which the modular loop never calls back"
     return None

@@ -45,6 +45,7 @@ from .context_attention import BoundContext, extrapolated_cross_attention, is_cr
 from .flow_attention import (ImageTokens, call_processor, flow_layout, flux_identity_mask, identity_mask,
                              packed_tokens, perturbed_flow_attention)
 from .query_blur import gaussian_blur_queries, token_grid
+from .shuffle import BLOCK_KINDS, check_shuffled_blocks
 
 __all__ = ["DEFAULT_LAYERS", "ImageTokens", "block_stacks", "flux_identity_mask", "gaussian_blur_queries",
            "identity_mask", "merge_rows", "model_family", "packed_tokens", "perturbed_rows", "plain_rows",
@@ -122,7 +123,7 @@ def _candidates(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
     stacks = tuple(block_stacks(model).values())
     if kind == "extrapolate":  # cross-attention to the text context (a UNet's attn2)
         return [(name, module) for name, module in model.named_modules() if is_cross_attention(module)]
-    if kind == "skip":  # the members of every `transformer_blocks` stack and of the model's block stacks
+    if kind in BLOCK_KINDS:  # the members of every `transformer_blocks` stack and of the model's block stacks
         members = []
         for name, module in model.named_modules():
             stack, _, index = name.rpartition(".")
@@ -163,7 +164,8 @@ def resolve_layers(model: nn.Module, perturbation: Perturbation, owner: str = "g
     family = model_family(model)
     candidates = _candidates(model, perturbation.kind)
     if not candidates:
-        what = {"skip": "transformer blocks", "extrapolate": "cross-attention layers (text keys and values)"}.get(
+        what = {"skip": "transformer blocks", "shuffle": "transformer blocks",
+                "extrapolate": "cross-attention layers (text keys and values)"}.get(
             perturbation.kind, "self-attention or joint-attention layers")
         raise ValueError(f"{owner}: perturbation {perturbation.kind!r} needs {what}; "
                          f"{type(model).__name__} has none")
@@ -185,6 +187,8 @@ def resolve_layers(model: nn.Module, perturbation: Perturbation, owner: str = "g
         if perturbation.kind == "skip" and type(module).__name__ not in _SKIP_OUTPUTS:
             raise ValueError(f"{owner}: cannot skip block {name} of type {type(module).__name__} "
                              f"(supported: {', '.join(_SKIP_OUTPUTS)})")
+    if perturbation.kind == "shuffle":
+        check_shuffled_blocks(chosen.items(), owner)
     if perturbation.kind == "skip" and getattr(getattr(model, "config", None), "zero_cond_t", False):
         # Qwen-Image's zero_cond_t doubles the time embedding's rows: a block's rows cannot be cut out
         raise ValueError(f"{owner}: cannot skip blocks of a {type(model).__name__} with zero_cond_t=True "

@@ -71,6 +71,7 @@ class QwenImageBranches(JointContextBranches, TransformerBranches):
     # attention, skipped blocks (SLG), NAG's second text stream (in partner rows; the prompt's and
     # the negative's embeddings padded to one length, the padding masked), TSG's noise on the
     # time-step embedding; SAG's map is not available.
+    evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from .attention_probe import record_attention
 from .perturbation import ImageTokens, perturbed_rows, skipping_forward
+from .shuffle import shuffling_forward
 
 __all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
            "install_block",
@@ -175,7 +176,9 @@ class PlanBlockForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = _PLAN.get()
         if plan is not None and self.block in plan.blocks:
-            return skipping_forward(self.block, self.forward, plan.blocks[self.block])(*args, **kwargs)
+            segments = plan.blocks[self.block]  # one method alters a block one way: skipped or shuffled
+            altered = shuffling_forward if segments[0][2].kind == "shuffle" else skipping_forward
+            return altered(self.block, self.forward, segments)(*args, **kwargs)
         return self.forward(*args, **kwargs)
 
 

@@ -136,6 +136,7 @@ class WanBranches(TransformerBranches):
     family = "GuidedWanPipeline"
     # SLG's skipped blocks, PAG's identity and SEG's blur on attn1, NAG on attn2 (.wan_attention);
     # TSG's noise on the time-step MLP; SAG's attention map is refused (refusal below).
+    evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -178,6 +179,9 @@ def check_run(guidance: Guidance, scheduler, *, num_steps: int, timesteps: Seque
     # the schedule's per-step values must fit the run (an explicit list's length, a callable's range)
     guidance.check_steps(len(sigmas) if sigmas is not None else len(timesteps) if timesteps is not None else num_steps)
     sampler = resolve_sampler(sampler, guidance, scheduler)
+    if guidance.requires_flow and not is_flow_scheduler(scheduler):
+        raise ValueError(f"guidance: method {guidance.name!r} is defined on the velocity of a flow-matching model; "
+                         f"{type(scheduler).__name__} is not a flow schedule")
     if guidance.requires_stochastic_sampler and not _stochastic(sampler, eta, scheduler):
         raise ValueError(f"sampler: method {guidance.name!r} needs a stochastic sampler (euler_ancestral, or ddim "
                          f"with eta > 0), got sampler {sampler!r} with eta {eta!r}")
@@ -242,6 +246,39 @@ def evaluate_branches(model: BranchModel, guidance: Guidance, step: StepInfo, st
         nfe[slice(None) if rows is None else rows.cpu()] += 1
         preds[branch] = Prediction(outputs[branch], x_in if rows is None else x_in[rows], a, s, prediction_type)
     return preds
+
+
+@dataclass(frozen=True)
+class StepEvaluator:
+    """A method's extra network evaluation inside a step (``StepInfo.evaluate``): ``branches`` on
+    ``x`` (model-input coordinates, every row) at this step's level, or at the level ``sigma``
+    (k-diffusion ratio) of a flow schedule, whose timestep is sigma_t * ``train_timesteps`` (the
+    flow schedulers' own rule). Each branch and row counts one NFE of the run."""
+
+    model: BranchModel
+    prediction_type: str
+    nfe: torch.Tensor
+    timestep: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    train_timesteps: float | None  # None: not a flow schedule (other levels are refused)
+
+    def __call__(self, x: torch.Tensor, branches: Sequence[str] | Mapping[str, torch.Tensor | None],
+                 sigma: float | None = None) -> dict[str, Prediction]:
+        t, a, s = self.timestep, self.alpha, self.sigma
+        if sigma is not None:
+            if self.train_timesteps is None:
+                raise ValueError("step.evaluate: a level other than the step's own needs a flow schedule")
+            level = 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
+            t = torch.tensor(level * self.train_timesteps, dtype=self.timestep.dtype, device=self.timestep.device)
+            a, s = (torch.tensor(v, dtype=torch.float64, device=x.device) for v in (1.0 - level, level))
+        requests = normalize_requests(branches)
+        outputs = self.model(x, t, requests)
+        preds = {}
+        for branch, rows in requests:
+            self.nfe[slice(None) if rows is None else rows.cpu()] += 1
+            preds[branch] = Prediction(outputs[branch], x if rows is None else x[rows], a, s, self.prediction_type)
+        return preds
 
 
 def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, scheduler, num_steps: int,
@@ -313,7 +350,8 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
                 t = run.timesteps[i]
                 x_in = run.model_input(x, i)
                 step = StepInfo(index=i, num_steps=n, sigma=run.ratio(i), sigma_next=run.ratio_next(i),
-                                timestep=run.timestep_values[i])
+                                timestep=run.timestep_values[i],
+                                evaluate=StepEvaluator(model, prediction_type, nfe, t, *levels[i], run.train_timesteps))
                 preds = evaluate_branches(model, guidance, step, state, x_in, t, *levels[i], prediction_type, nfe)
                 guided = guidance.combine(preds, step, state)
                 x = run.step(x, guided, i)
@@ -378,6 +416,7 @@ class _SolverRun:
         self.generator = generator
         self.history: tuple[torch.Tensor, float] | None = None
         self.order = 1
+        self.train_timesteps = source.config.get("num_train_timesteps") if self.schedule.flow else None
 
     def begin_at(self, index: int) -> None:
         """Start at step ``index`` (img2img): nothing to set for the core's solvers."""
@@ -441,6 +480,8 @@ class _SchedulerRun:
         self.init_scale = getattr(self.scheduler, "init_noise_sigma", 1.0)
         self.kwargs = _step_kwargs(self.scheduler, generator, eta)
         self._levels = all_levels(self.scheduler, self.timestep_values)
+        self.train_timesteps = (self.scheduler.config.get("num_train_timesteps")
+                                if is_flow_scheduler(self.scheduler) else None)
 
     def begin_at(self, index: int) -> None:
         """Start at step ``index``, as the stock img2img pipelines tell their scheduler."""

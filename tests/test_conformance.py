@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from guidance_engine import method_names, resolve_guidance, strict_json
 from guidance_engine.guidance import Branch, Guidance
@@ -108,15 +108,24 @@ def _sampler(method: Guidance) -> str:
     return "euler_ancestral" if method.requires_stochastic_sampler else "ddim"
 
 
+def _schedule(method: Guidance) -> dict[str, Any]:
+    """The run's schedule: DDIM on eps, or a flow schedule without a pure-noise step for a method
+    defined on flow velocities only (Rectified-CFG++)."""
+    if method.requires_flow:
+        return {"scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "prediction_type": "flow",
+                "sigmas": [0.95, 0.8, 0.6, 0.4, 0.25, 0.1]}
+    return {"scheduler": DDIMScheduler(steps_offset=1, set_alpha_to_one=False, clip_sample=False),
+            "prediction_type": "epsilon"}
+
+
 def _run(method: Guidance, rows: list[int], model: ToyBranches | None = None) -> tuple[torch.Tensor, Any]:
     """Samples ``rows`` of a fixed noise batch, each with its own generator (seed = its row)."""
     noise = _noise()[rows]
     if hasattr(method, "with_classifier"):
         method = method.with_classifier(ToyClassifier([row % 3 for row in rows]))
-    scheduler = DDIMScheduler(steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    result = sample(model or ToyBranches(), noise, method, scheduler=scheduler, num_steps=STEPS,
-                    prediction_type="epsilon", sampler=_sampler(method),
-                    generator=[torch.Generator().manual_seed(row) for row in rows], progress=False)
+    result = sample(model or ToyBranches(), noise, method, num_steps=STEPS, sampler=_sampler(method),
+                    generator=[torch.Generator().manual_seed(row) for row in rows], progress=False,
+                    **_schedule(method))
     return result.x, result.state
 
 
@@ -202,13 +211,14 @@ def test_outside_its_interval_a_method_is_the_conditional_prediction(name, tmp_p
         assert "do not apply" in str(error)
         pytest.skip(str(error))
     got, _ = _run(off, [0, 1, 2])
-    want, _ = _run_with_sampler(CFG(scale=1.0), _sampler(method))
+    want, _ = _run_with_sampler(CFG(scale=1.0), _sampler(method), _schedule(method))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-def _run_with_sampler(method: Guidance, sampler: str) -> tuple[torch.Tensor, Any]:
+def _run_with_sampler(method: Guidance, sampler: str, schedule: dict[str, Any] | None = None
+                      ) -> tuple[torch.Tensor, Any]:
     noise = _noise()
-    result = sample(ToyBranches(), noise, method, scheduler=DDIMScheduler(steps_offset=1, set_alpha_to_one=False, clip_sample=False),
-                    num_steps=STEPS, prediction_type="epsilon", sampler=sampler,
-                    generator=[torch.Generator().manual_seed(row) for row in range(SHAPE[0])], progress=False)
+    result = sample(ToyBranches(), noise, method, num_steps=STEPS, sampler=sampler,
+                    generator=[torch.Generator().manual_seed(row) for row in range(SHAPE[0])], progress=False,
+                    **(schedule or _schedule(method)))
     return result.x, result.state

@@ -270,7 +270,7 @@ def test_an_exception_mid_forward_restores_skipped_blocks(sd3_pair) -> None:
     (lambda: SEG(blur_sigma=0.0), r"seg: parameter 'blur_sigma' must be \(0, inf\), got 0.0"),
     (lambda: SLG(slg_scale=-1.0), r"slg: parameter 'slg_scale' must be \[0, 100\], got -1.0"),
     (lambda: AutoGuidance(reference="ema"), r"parameter 'reference' must be one of 'network', 'skip', got 'ema'"),
-    (lambda: Perturbation("noise"), r"kind must be one of 'identity', 'blur', 'skip', 'extrapolate', got 'noise'"),
+    (lambda: Perturbation("noise"), r"kind must be one of 'identity', 'blur', 'skip', 'extrapolate', 'shuffle', got 'noise'"),
 ])
 def test_bad_parameters_name_the_parameter_range_and_value(make, message) -> None:
     with pytest.raises(ValueError, match=message):

@@ -17,8 +17,11 @@ from .linear_ag import LinearAG
 from .mambo_g import MAMBOG
 from .nag import NAG
 from .perp_neg import PerpNeg
+from .rectified_cfgpp import RectifiedCFGPlusPlus
 from .renorm_cfg import RenormCFG
+from .swg import SWG
 from .tcfg import TCFG
+from .tpg import TPG
 from .tsg import TSG
 from .fkc import FKC
 from .gfcg import GFCG
@@ -30,4 +33,5 @@ from .slg import SLG
 
 __all__ = ["AdaptiveGuidance", "APG", "APGMix", "AutoGuidance", "CFG", "CFGNorm", "CFGPlusPlus", "CFGRenorm", "CFGZeroStar", "DualCFG",
            "DynamicThresholding", "FDG", "FKC", "FreSca", "GFCG", "ICG", "LinearAG",
-           "MAMBOG", "NAG", "PAG", "PerpNeg", "RenormCFG", "SAG", "SEG", "SLG", "TCFG", "TSG"]
+           "MAMBOG", "NAG", "PAG", "PerpNeg", "RectifiedCFGPlusPlus", "RenormCFG", "SAG", "SEG", "SLG", "SWG", "TCFG",
+           "TPG", "TSG"]
