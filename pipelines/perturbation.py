@@ -160,7 +160,9 @@ def resolve_layers(model: nn.Module, perturbation: Perturbation, owner: str = "g
                    ) -> list[tuple[str, nn.Module]]:
     """The modules a perturbation alters: self-attention layers ("identity", "blur") or
     transformer blocks ("skip"). ValueError naming ``layers``, what is accepted and what was
-    received when a name selects nothing or the layers cannot take the perturbation."""
+    received when a name selects nothing or the layers cannot take the perturbation. A
+    ``torch.compile``d model is resolved on the module it wraps (its layers' names, its modules)."""
+    model = getattr(model, "_orig_mod", model)
     family = model_family(model)
     candidates = _candidates(model, perturbation.kind)
     if not candidates:

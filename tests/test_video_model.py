@@ -1,0 +1,165 @@
+"""The shipped default video model (a tiny Wan 2.1 on moving shapes), its clips and its scorer:
+
+- the model loads as a GuidedWanPipeline and ``guidance-engine generate --model video`` writes
+  complete clips (frame count, size, no temporary file left) with their settings beside them;
+- the settings rebuild the clip: the same frames, byte for byte, with the same seed (a lossless
+  WebP read back; a GIF written again), and another seed gives other frames;
+- the GIF fallback: .mp4 is refused before any model loads when no MP4 writer is installed, and
+  GIF frames that Pillow merges come back from their duration;
+- the motion scorer is right on every clip of the data set (the oracle), and reversed clips
+  score the opposite way, still ones as no motion;
+- the training's short prompt context with its padding bias equals the stock 512-token context
+  (the stock pipeline's own prompt encoding as the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from guidance_engine.pipelines.apps import cli_common, video_io
+from guidance_engine.pipelines.apps.cli import main
+from guidance_engine.pipelines.models import default_video_model_path, load_pipeline, pipeline_class_for
+from guidance_engine.pipelines.toy import moving_shapes, train_video
+from guidance_engine.pipelines.toy.video_evaluation import motion_direction, score_clips
+
+PROMPT = "a red circle moving right on a blue background"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = load_pipeline("video")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(tmp_path, name: str, *extra: str) -> int:
+    return main(["generate", PROMPT, "--model", "video", "--steps", "2", "--out", str(tmp_path / name), *extra])
+
+
+def test_shipped_model_is_a_small_wan_checkpoint() -> None:
+    path = default_video_model_path()
+    assert pipeline_class_for(path).__name__ == "GuidedWanPipeline"
+    weights = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+    assert weights < 8e6  # a few MB in the package
+
+
+def test_cli_writes_a_complete_gif_with_its_settings(tmp_path, capsys) -> None:
+    assert generate(tmp_path, "clip.gif") == 0
+    assert "4 network evaluations per clip" in capsys.readouterr().out  # 2 CFG steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.gif.json"]  # no temporary file
+    frames = video_io.read_clip(tmp_path / "clip.gif")
+    settings = json.loads((tmp_path / "clip.gif.json").read_text())
+    size = (moving_shapes.NUM_FRAMES, moving_shapes.IMAGE_SIZE, moving_shapes.IMAGE_SIZE, 3)
+    assert frames.shape == size and frames.dtype == np.uint8
+    assert (settings["frames"], settings["height"], settings["width"]) == size[:3]
+    assert settings["prompt"] == PROMPT and settings["guidance"]["name"] == "cfg" and settings["nfe"] == 4
+
+
+def test_settings_rebuild_the_clip_byte_for_byte(tmp_path, pipe) -> None:
+    assert generate(tmp_path, "clip.webp", "--num-images", "2", "--seed", "5") == 0
+    written = [video_io.read_clip(tmp_path / f"clip-{i}.webp") for i in range(2)]
+    rebuilt = video_io.rebuild_clip(tmp_path / "clip-1.webp.json", model=pipe)
+    settings = json.loads((tmp_path / "clip-1.webp.json").read_text())
+    assert settings["seed"] == 6
+    assert np.array_equal(rebuilt, written[1])  # lossless WebP holds the generated frames
+    assert video_io.frames_digest(rebuilt) == settings["frames_sha256"]
+    assert not np.array_equal(written[0], written[1])  # the seed matters: the comparison can fail
+    # a GIF written from the rebuilt frames is the CLI's file, byte for byte
+    assert generate(tmp_path, "clip.gif", "--seed", "6") == 0
+    again = video_io.write_clip(rebuilt, tmp_path / "again.gif", settings["fps"])
+    assert again.read_bytes() == (tmp_path / "clip.gif").read_bytes()
+
+
+def test_mp4_is_refused_before_loading_without_a_writer(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(video_io, "mp4_backend", lambda: None)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(cli_common, "load_quietly", no_load)
+    assert generate(tmp_path, "clip.mp4") == 2
+    error = capsys.readouterr().err
+    assert "needs an MP4 writer" in error and "guidance-engine[video]" in error and ".gif" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_video_options_are_checked_before_loading(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli_common, "load_quietly", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert generate(tmp_path, "clip.gif", "--num-frames", "8") == 2
+    assert "--num-frames: Wan's VAE takes 4 k + 1 frames" in capsys.readouterr().err
+    assert generate(tmp_path, "clip.gif", "--fps", "0") == 2
+    assert "--fps: must be an integer in [1, 100], got 0" in capsys.readouterr().err
+    assert generate(tmp_path, "clip.png") == 2
+    assert "must end in .gif, .webp, .mp4" in capsys.readouterr().err
+    assert main(["generate", "x", "--num-frames", "9", "-o", str(tmp_path / "a.png")]) == 2
+    assert "--num-frames: only video models take it" in capsys.readouterr().err
+
+
+def test_gif_fallback_keeps_repeated_frames(tmp_path) -> None:
+    clips, _, _ = moving_shapes.make_dataset(1, seed=4)
+    frames = clips[0].copy()
+    frames[4] = frames[3]  # a still pair: Pillow merges the second into the first frame's duration
+    path = video_io.write_clip(frames, tmp_path / "still.gif", fps=10)
+    back = video_io.read_clip(path, fps=10)
+    assert back.shape == frames.shape
+    assert np.array_equal(back[3], back[4]) and not np.array_equal(back[4], back[5])
+    # 256 colours a frame: the palette keeps the flat shapes close (a bound, not exactness)
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 4
+
+
+@pytest.mark.skipif(video_io.mp4_backend() is None, reason="no MP4 writer installed (the 'video' extra)")
+def test_mp4_when_a_writer_is_installed(tmp_path) -> None:
+    clips, _, _ = moving_shapes.make_dataset(1, seed=2)
+    path = video_io.write_clip(clips[0], tmp_path / "clip.mp4", fps=10, metadata={"prompt": "x"})
+    back = video_io.read_clip(path)
+    assert back.shape == clips[0].shape
+    assert np.abs(back.astype(int) - clips[0].astype(int)).mean() < 12  # lossy H.264 on 32 x 32
+    assert motion_direction(back)[0] == motion_direction(clips[0])[0]
+
+
+def test_motion_scorer_is_right_on_the_data_set() -> None:
+    clips, captions, labels = moving_shapes.make_dataset(200, seed=3)
+    found = np.array([motion_direction(clip)[0] for clip in clips])
+    assert np.array_equal(found, labels["direction"])
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    for clip, label in zip(clips[:20], labels["direction"][:20]):
+        reversed_name = opposite[moving_shapes.DIRECTIONS[label]]
+        assert motion_direction(clip[::-1])[0] == moving_shapes.DIRECTIONS.index(reversed_name)
+        assert motion_direction(np.repeat(clip[:1], len(clip), 0))[0] == -1  # a still clip: no motion
+    rows = score_clips(clips[:1], captions[0])
+    assert rows[0]["correct_direction"] and rows[0]["travel"] > moving_shapes.TRAVEL[0] - 1
+
+
+def test_data_set_is_seeded_and_inside_the_frame() -> None:
+    a = moving_shapes.make_dataset(20, seed=9)
+    b = moving_shapes.make_dataset(20, seed=9)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        attrs = moving_shapes.sample_attributes(rng)
+        radius = 4.5 if attrs["size"] == "small" else 8.0
+        track = moving_shapes.track(attrs)
+        assert (track - radius >= moving_shapes.MARGIN - 1e-9).all()
+        assert (track + radius <= moving_shapes.IMAGE_SIZE - moving_shapes.MARGIN + 1e-9).all()
+        parsed = moving_shapes.parse_prompt(moving_shapes.caption(attrs))
+        labels = moving_shapes.labels_of(attrs)
+        assert all(parsed[k] == labels[k] for k in ("shape", "color", "background", "direction"))
+
+
+def test_training_context_equals_the_stock_512_token_context(pipe) -> None:
+    texts = [PROMPT, "", "a large yellow triangle moving down on a white background"]
+    short, bias = train_video.encode_captions(pipe.tokenizer, pipe.text_encoder, texts)
+    stock, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, max_sequence_length=512)
+    n = short.shape[1]
+    torch.testing.assert_close(short, stock[:, :n], rtol=0, atol=1e-5)
+    assert torch.equal(stock[:, n:], torch.zeros_like(stock[:, n:]))
+    real = (bias == 0).sum(1)
+    for row, k in zip(bias, real.tolist()):  # the pad rows weigh as the stock's 512 - k zeros
+        assert math.isclose(math.exp(float(row[-1])) * (n - k), 512 - k, rel_tol=1e-5)
+    error = train_video.check_padded_context(pipe.tokenizer, pipe.text_encoder, pipe.transformer, texts)
+    assert error <= 1e-4
