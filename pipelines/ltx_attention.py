@@ -49,7 +49,7 @@ from guidance_engine.guidance import Perturbation
 
 from .context_attention import BoundContext
 from .row_plan import PlanBlockForward, PlanProcessor, current, original_processor
-from .wan_attention import VideoTokens, blur_frames
+from .wan_attention import AttentionOutput, BlurredQueries, VideoTokens
 
 __all__ = ["LTX_DEFAULT_LAYERS", "install_dispatcher", "ltx_video_tokens", "resolve_ltx_layers", "text_mask_bias"]
 
@@ -219,7 +219,7 @@ class LTXPlanProcessor(PlanProcessor):
         layout = _TOKENS.get()
         if layout is None:
             raise RuntimeError("perturbation 'blur': the forward did not say where its video tokens are")
-        return self.original(_BlurredQueries(attn, layout, alteration.sigma), hidden_states, encoder_hidden_states,
+        return self.original(BlurredQueries(attn, layout, alteration.sigma), hidden_states, encoder_hidden_states,
                              attention_mask, image_rotary_emb)
 
     def _extrapolated(self, attn: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor,
@@ -231,40 +231,8 @@ class LTXPlanProcessor(PlanProcessor):
         if negative.shape != context.shape:
             raise ValueError(f"guidance: the second context has shape {tuple(negative.shape)}, the layer's own "
                              f"{tuple(context.shape)}; both must be encoded to the same length")
-        view = _AttentionOutput(attn)
+        view = AttentionOutput(attn)
         positive = self.original(view, hidden_states, context, attention_mask, None)
         combined = bound.spec.extrapolate(positive, self.original(view, hidden_states, negative, negative_mask, None),
                                           "video_cross")
         return attn.to_out[1](attn.to_out[0](combined.to(positive.dtype)))
-
-
-# --------------------------------------------------------------------------- views of a layer
-class _BlurredQueries:
-    """An attention layer seen through SEG: its query projection blurs each frame's queries;
-    everything else is the layer's own (one view per call: the shared layer is not changed)."""
-
-    def __init__(self, attn: nn.Module, layout: VideoTokens, sigma: float) -> None:
-        self._attn, self._layout, self._sigma = attn, layout, sigma
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._attn, name)
-        if name == "to_q":
-            return lambda states: blur_frames(attribute(states), self._layout, self._sigma)
-        return attribute
-
-
-def _identity(states: torch.Tensor) -> torch.Tensor:
-    return states
-
-
-class _AttentionOutput:
-    """An attention layer seen without its output projection: its processor then returns the
-    attention output itself (heads merged), the Z that NAG combines."""
-
-    to_out = (_identity, _identity)
-
-    def __init__(self, attn: nn.Module) -> None:
-        self._attn = attn
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._attn, name)

@@ -51,7 +51,8 @@ from .perturbation import take_rows
 from .query_blur import gaussian_blur_queries
 from .row_plan import PlanBlockForward, PlanProcessor, current, original_processor
 
-__all__ = ["WAN_DEFAULT_LAYERS", "VideoTokens", "install_dispatcher", "resolve_wan_layers", "video_tokens"]
+__all__ = ["WAN_DEFAULT_LAYERS", "AttentionOutput", "BlurredQueries", "VideoTokens", "install_dispatcher",
+           "resolve_wan_layers", "video_tokens"]
 
 #: The family's default layers (block indices) for "identity", "blur" and "skip".
 WAN_DEFAULT_LAYERS: tuple[int, ...] = (9,)
@@ -207,7 +208,7 @@ class WanPlanProcessor(PlanProcessor):
         layout = _TOKENS.get()
         if layout is None:
             raise RuntimeError("perturbation 'blur': the forward did not say where its video tokens are")
-        return self.original(_BlurredQueries(attn, layout, alteration.sigma), hidden_states, encoder_hidden_states,
+        return self.original(BlurredQueries(attn, layout, alteration.sigma), hidden_states, encoder_hidden_states,
                              attention_mask, rotary_emb)
 
 
@@ -222,7 +223,7 @@ def blur_frames(query: torch.Tensor, layout: VideoTokens, sigma: float) -> torch
     return gaussian_blur_queries(frames, layout.rows, layout.columns, sigma).reshape(batch, tokens, channels)
 
 
-class _BlurredQueries:
+class BlurredQueries:
     """An attention layer seen through SEG: its query projection blurs each frame's queries;
     everything else is the layer's own (one view per call: the shared layer is not changed)."""
 
@@ -240,7 +241,7 @@ def _identity(states: torch.Tensor) -> torch.Tensor:
     return states
 
 
-class _AttentionOutput:
+class AttentionOutput:
     """An attention layer seen without its output projection: its processor then returns the
     attention output itself (heads merged), the Z that NAG combines."""
 
@@ -261,7 +262,7 @@ def _extrapolated(processor: Callable, attn: nn.Module, hidden_states: torch.Ten
     if negative.shape != context.shape:
         raise ValueError(f"guidance: the second context has shape {tuple(negative.shape)}, the layer's own "
                          f"{tuple(context.shape)}; both must be encoded to the same length")
-    view = _AttentionOutput(attn)
+    view = AttentionOutput(attn)
     positive = processor(view, hidden_states, context, attention_mask, None)
     combined = bound.spec.extrapolate(positive, processor(view, hidden_states, negative, attention_mask, None),
                                       "video_cross")
