@@ -37,7 +37,6 @@ per-call attributes (``pipe.num_timesteps``, ``current_timestep``) are each call
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
@@ -52,9 +51,10 @@ from guidance_engine.guidance import Guidance, GuidedPrediction, StepInfo, param
 from guidance_engine.prediction import Prediction
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
-from .flow_transformer import TransformerBranches, negative_prompt_texts
+from .common import GuidanceSpec, GuidedPipelineMixin
+from .flow_transformer import negative_prompt_texts
 from .hunyuan_video15_attention import install_dispatcher, resolve_hunyuan_layers
+from .video_branches import GuidedVideoPipelineOutput, VideoTransformerBranches
 
 __all__ = ["GuidedHunyuanVideo15Pipeline", "GuidedHunyuanVideo15PipelineOutput", "GuiderCFG",
            "HunyuanVideo15Branches"]
@@ -112,7 +112,7 @@ class GuiderCFG(Guidance):
         return GuidedPrediction.single(cond if guided is cond.output else cond.with_output(guided))
 
 
-class HunyuanVideo15Branches(TransformerBranches):
+class HunyuanVideo15Branches(VideoTransformerBranches):
     """The branch model over HunyuanVideo 1.5's transformer. ``conditions[b]`` holds branch ``b``'s
     Qwen2.5-VL and ByT5 embeddings and masks (:data:`CONDITION_KEYS`), in the transformer's dtype.
     Branches run in separate forwards, the conditional first (:class:`TransformerBranches`), as
@@ -122,9 +122,11 @@ class HunyuanVideo15Branches(TransformerBranches):
 
     family = "GuidedHunyuanVideo15Pipeline"
     # SLG's skipped blocks or joint attentions, PAG's identity on the video tokens
-    # (.hunyuan_video15_attention); TSG's noise on the time-step MLP.
+    # (.hunyuan_video15_attention); TSG's noise on the time-step MLP; SAG's attention map is refused.
     perturbations = frozenset({"identity", "skip"})
     time_noise = True
+    resolve_layers = staticmethod(resolve_hunyuan_layers)
+    install_dispatcher = staticmethod(install_dispatcher)
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, image_tokens: int,
                  attention_kwargs: dict[str, Any] | None = None, providers: Any = None, networks: Any = None) -> None:
@@ -138,24 +140,10 @@ class HunyuanVideo15Branches(TransformerBranches):
                     "dual-stream blocks attend over the video and text tokens jointly)")
         return super().refusal(branch, owner)
 
-    def layers(self, model, perturbation, owner: str = "guidance") -> list:
-        """HunyuanVideo 1.5's blocks or their joint attention that ``perturbation`` alters (resolved once per call)."""
-        key = (id(model), perturbation.kind, perturbation.layers)
-        if key not in self._layers:
-            self._layers[key] = resolve_hunyuan_layers(model, perturbation, owner)
-        return self._layers[key]
-
     def time_embeddings(self, model) -> list[Any]:
         """TSG's noise goes on the time-step MLP's output (the embedding every block's and the output
         norm's modulation reads; the token refiner embeds the timestep apart, unperturbed)."""
         return [model.time_embed.timestep_embedder]
-
-    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
-        for _, _, branch in spans:  # the family's dispatchers, which the shared row plan then drives
-            if branch.perturb is not None:
-                for _, module in self.layers(model, branch.perturb):
-                    install_dispatcher(module, branch.perturb.kind)
-        return super().altered(model, x_in, spans)
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
@@ -171,14 +159,8 @@ class HunyuanVideo15Branches(TransformerBranches):
                          return_dict=False, **{key: stacked(key) for key in CONDITION_KEYS})[0]
 
 
-@dataclass
-class GuidedHunyuanVideo15PipelineOutput(GuidedPipelineOutput):
-    """:class:`~.common.GuidedPipelineOutput` whose ``images`` are videos; ``frames`` is the same
-    object under the stock output's name (``HunyuanVideo15PipelineOutput.frames``)."""
-
-    @property
-    def frames(self) -> Any:
-        return self.images
+#: The output of :class:`GuidedHunyuanVideo15Pipeline` (the video families' one class, under its earlier name).
+GuidedHunyuanVideo15PipelineOutput = GuidedVideoPipelineOutput
 
 
 class GuidedHunyuanVideo15Pipeline(GuidedPipelineMixin, HunyuanVideo15Pipeline):
@@ -302,9 +284,7 @@ class GuidedHunyuanVideo15Pipeline(GuidedPipelineMixin, HunyuanVideo15Pipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
-        output = self.guided_output(video, nfe_per_image, state, guide, sampler)
-        fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
-        return GuidedHunyuanVideo15PipelineOutput(**fields)
+        return GuidedVideoPipelineOutput.of(self.guided_output(video, nfe_per_image, state, guide, sampler))
 
     def decode_video(self, latents: torch.Tensor, output_type: str) -> Any:
         """The stock decoding, ``z / scaling_factor`` through the VAE, one video at a time (the

@@ -28,9 +28,9 @@ their STG-R (the self-attention's output replaced by its input) is ``{"name": "s
 "slg_scale": w, "layers": ["transformer_blocks.19.attn1"], "start": 0.0, "stop": 1.0}``, where
 ``layers=[19]`` would skip the whole block (the engine's SLG, SD 3.5's). Their recipe: s = 3 (the
 stock CFG), w = 1, block 19, every step. Their ``do_rescaling`` (``g *= 0.7 std(c) / std(g) +
-0.3`` after the STG term, the std over the whole batch) is not offered: the engine's CFG rescale
-(``base={"name": "cfg", "rescale": 0.7}``) has Lin et al.'s form but acts on the CFG term before
-the perturbation term is added, per video.
+0.3`` after the STG term) is ``"rescale": 0.7`` on either (or the call's ``guidance_rescale=0.7``):
+Lin et al.'s form after the perturbation term, per video where theirs takes one std over the
+whole batch (:mod:`guidance_engine.methods.perturbed`).
 
 Layer methods alter LTX's blocks through :mod:`.ltx_attention`: SLG's skipped blocks (or
 self-attentions), PAG's identity and SEG's per-frame blurred queries on the self-attention, NAG on
@@ -53,7 +53,6 @@ the unconditional and conditional embeddings concatenated). The stock per-call a
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -68,11 +67,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from guidance_engine.guidance import Branch, Guidance
 
 from . import conditions
-from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
+from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin
 from .context_attention import BoundContext
-from .flow_transformer import TransformerBranches, negative_prompt_texts, packed_callback
+from .flow_transformer import negative_prompt_texts, packed_callback
 from .ltx_attention import install_dispatcher, ltx_video_tokens, resolve_ltx_layers, text_mask_bias
 from .messages import PromptTruncatedWarning
+from .video_branches import GuidedVideoPipelineOutput, VideoTransformerBranches
 from .wan_attention import VideoTokens
 
 __all__ = ["GuidedLTXPipeline", "GuidedLTXPipelineOutput", "LTXBranches"]
@@ -126,7 +126,7 @@ def check_embeddings(prompts: int, **pairs: tuple[torch.Tensor | None, torch.Ten
                              f"token of {name}), got {got}")
 
 
-class LTXBranches(TransformerBranches):
+class LTXBranches(VideoTransformerBranches):
     """The branch model over LTX-Video's transformer. ``conditions[b]`` holds branch ``b``'s T5
     embeddings (``encoder_hidden_states``) and their padding mask (``encoder_attention_mask``).
     The branches' rows run in ONE forward, in the requested order (``uncond`` then ``cond`` for
@@ -140,6 +140,8 @@ class LTXBranches(TransformerBranches):
     evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
+    resolve_layers = staticmethod(resolve_ltx_layers)
+    install_dispatcher = staticmethod(install_dispatcher)
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, video: LatentVideo,
                  rope_interpolation_scale: tuple[float, float, float], attention_kwargs: dict[str, Any] | None = None,
@@ -148,31 +150,10 @@ class LTXBranches(TransformerBranches):
         self.video = video
         self.rope_interpolation_scale = rope_interpolation_scale
 
-    @classmethod
-    def refusal(cls, branch, owner: str = "guidance") -> str | None:
-        if branch.probe is not None:
-            return (f"guidance: method {owner!r} reads a self-attention map, which {cls.family} does not record "
-                    "(its self-attention runs over every token of the video: the map is tokens x tokens)")
-        return super().refusal(branch, owner)
-
-    def layers(self, model, perturbation, owner: str = "guidance") -> list:
-        """LTX's blocks or their attention layers that ``perturbation`` alters (resolved once per call)."""
-        key = (id(model), perturbation.kind, perturbation.layers)
-        if key not in self._layers:
-            self._layers[key] = resolve_ltx_layers(model, perturbation, owner)
-        return self._layers[key]
-
     def time_embeddings(self, model) -> list[Any]:
         """TSG's noise goes on the time-step MLP's output (the embedding before LTX projects it into
         the blocks' six modulation vectors; the output norm's shift and scale read it too)."""
         return [model.time_embed.emb.timestep_embedder]
-
-    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
-        for _, _, branch in spans:  # LTX's dispatchers, which the shared row plan then drives
-            if branch.perturb is not None:
-                for _, module in self.layers(model, branch.perturb):
-                    install_dispatcher(module, branch.perturb.kind)
-        return super().altered(model, x_in, spans)
 
     def projected_context(self, model, branch, dtype: torch.dtype):
         """``branch`` with a bound second context (NAG's negative prompt) as the layers it alters see
@@ -203,14 +184,8 @@ class LTXBranches(TransformerBranches):
         return self.video.unpack(out.float())
 
 
-@dataclass
-class GuidedLTXPipelineOutput(GuidedPipelineOutput):
-    """:class:`~.common.GuidedPipelineOutput` whose ``images`` are videos; ``frames`` is the same
-    object under the stock output's name (``LTXPipelineOutput.frames``)."""
-
-    @property
-    def frames(self) -> Any:
-        return self.images
+#: The output of :class:`GuidedLTXPipeline` (the video families' one class, under its earlier name).
+GuidedLTXPipelineOutput = GuidedVideoPipelineOutput
 
 
 class GuidedLTXPipeline(GuidedPipelineMixin, LTXPipeline):
@@ -350,8 +325,8 @@ class GuidedLTXPipeline(GuidedPipelineMixin, LTXPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
-        output = self.guided_output(frames, nfe_per_image, state, guide, sampler, warnings=cut)
-        return GuidedLTXPipelineOutput(**{f.name: getattr(output, f.name) for f in dataclasses.fields(output)})
+        return GuidedVideoPipelineOutput.of(self.guided_output(frames, nfe_per_image, state, guide, sampler,
+                                                               warnings=cut))
 
     def run_core(self, branches: LTXBranches, guide: Guidance, video: LatentVideo, rows: int, channels: int, *,
                  latents: torch.Tensor | None, callback_on_step_end, callback_on_step_end_tensor_inputs: list[str],

@@ -116,11 +116,16 @@ def is_class_conditional(model: str | os.PathLike | None) -> bool:
     return path.is_dir() and pipeline_class_for(path).__name__ == "GuidedDiTPipeline"
 
 
+#: The text-to-video pipelines the engine runs, by the class name a checkpoint's model_index.json gives.
+VIDEO_PIPELINES = ("WanPipeline", "LTXPipeline", "HunyuanVideo15Pipeline")
+
+
 def is_video_model(model: str | os.PathLike | None) -> bool:
-    """Whether ``model`` (as :func:`resolve_model` reads it) is a local text-to-video (Wan) checkpoint."""
+    """Whether ``model`` (as :func:`resolve_model` reads it) is a local text-to-video checkpoint
+    (Wan 2.1 / 2.2, LTX-Video, HunyuanVideo 1.5)."""
     path = Path(resolve_model(model))
     try:
-        return path.is_dir() and model_class_name(path) == "WanPipeline"  # read alone: no model stack imported
+        return path.is_dir() and model_class_name(path) in VIDEO_PIPELINES  # read alone: no model stack imported
     except json.JSONDecodeError:  # not a readable checkpoint: the image commands' checks say why
         return False
 

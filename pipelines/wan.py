@@ -30,8 +30,6 @@ call's own (:class:`~.common.CallAttribute`).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
@@ -47,10 +45,11 @@ from guidance_engine.guidance import Branch, Guidance, GuidedPrediction, StepInf
 from guidance_engine.prediction import Prediction
 
 from . import conditions
-from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
+from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin
 from .context_attention import BoundContext
-from .flow_transformer import TransformerBranches, negative_prompt_texts
+from .flow_transformer import negative_prompt_texts
 from .messages import PromptTruncatedWarning
+from .video_branches import GuidedVideoPipelineOutput, VideoTransformerBranches
 from .wan_attention import VideoTokens, install_dispatcher, resolve_wan_layers, video_tokens
 
 __all__ = ["ExpertBoundary", "GuidedWanPipeline", "GuidedWanPipelineOutput", "TwoExpertCFG", "WanBranches"]
@@ -125,7 +124,7 @@ class TwoExpertCFG(Guidance):
         return GuidedPrediction.single(self.away_from(preds, "uncond", step))
 
 
-class WanBranches(TransformerBranches):
+class WanBranches(VideoTransformerBranches):
     """The branch model over Wan's transformer(s). ``conditions[b]`` holds branch ``b``'s UMT5
     embeddings (``encoder_hidden_states``, already in the transformers' dtype ``dtype``, padded
     to the call's ``max_sequence_length``). Branches run in separate forwards, the conditional
@@ -135,10 +134,12 @@ class WanBranches(TransformerBranches):
 
     family = "GuidedWanPipeline"
     # SLG's skipped blocks, PAG's identity and SEG's blur on attn1, NAG on attn2 (.wan_attention);
-    # TSG's noise on the time-step MLP; SAG's attention map is refused (refusal below).
+    # TSG's noise on the time-step MLP; SAG's attention map is refused (VideoTransformerBranches).
     evaluates_crops = False  # its token layout (packing, positions) is the whole latent's
     perturbations = frozenset({"identity", "blur", "skip", "extrapolate"})
     time_noise = True
+    resolve_layers = staticmethod(resolve_wan_layers)
+    install_dispatcher = staticmethod(install_dispatcher)
 
     def __init__(self, model, conditions: dict[str, dict[str, torch.Tensor]], *, dtype: torch.dtype,
                  boundary: ExpertBoundary = ExpertBoundary(), model_2=None, expand_timesteps: bool = False,
@@ -148,20 +149,6 @@ class WanBranches(TransformerBranches):
         self.boundary = boundary
         self.dtype = dtype
         self.expand_timesteps = expand_timesteps
-
-    @classmethod
-    def refusal(cls, branch, owner: str = "guidance") -> str | None:
-        if branch.probe is not None:
-            return (f"guidance: method {owner!r} reads a self-attention map, which {cls.family} does not record "
-                    "(its self-attention runs over every token of the video: the map is tokens x tokens)")
-        return super().refusal(branch, owner)
-
-    def layers(self, model, perturbation, owner: str = "guidance") -> list:
-        """Wan's blocks or their attention layers that ``perturbation`` alters (resolved once per call)."""
-        key = (id(model), perturbation.kind, perturbation.layers)
-        if key not in self._layers:
-            self._layers[key] = resolve_wan_layers(model, perturbation, owner)
-        return self._layers[key]
 
     def check_supports(self, guide: Guidance) -> None:
         super().check_supports(guide)
@@ -180,15 +167,6 @@ class WanBranches(TransformerBranches):
         if model is self.model and self.model_2 is not None and not self.boundary.high_noise(float(timestep)):
             model = self.model_2  # the stock choice of expert, once per step (one host read of t)
         return super()._evaluate(model, x, timestep, requests, probes)
-
-    @contextlib.contextmanager
-    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
-        for _, _, branch in spans:  # Wan's dispatchers, which the shared row plan then drives
-            if branch.perturb is not None:
-                for _, module in self.layers(model, branch.perturb):
-                    install_dispatcher(module)
-        with super().altered(model, x_in, spans):
-            yield
 
     def model_timesteps(self, timestep: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input, as the stock loop makes it: t per row, or (TI2V) t per
@@ -224,14 +202,8 @@ class WanBranches(TransformerBranches):
                          attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
 
 
-@dataclass
-class GuidedWanPipelineOutput(GuidedPipelineOutput):
-    """:class:`~.common.GuidedPipelineOutput` whose ``images`` are videos; ``frames`` is the same
-    object under the stock output's name (``WanPipelineOutput.frames``)."""
-
-    @property
-    def frames(self) -> Any:
-        return self.images
+#: The output of :class:`GuidedWanPipeline` (the video families' one class, under its earlier name).
+GuidedWanPipelineOutput = GuidedVideoPipelineOutput
 
 
 class GuidedWanPipeline(GuidedPipelineMixin, WanPipeline):
@@ -348,8 +320,8 @@ class GuidedWanPipeline(GuidedPipelineMixin, WanPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
-        output = self.guided_output(video, nfe_per_image, state, guide, sampler, warnings=cut)
-        return GuidedWanPipelineOutput(**{f.name: getattr(output, f.name) for f in dataclasses.fields(output)})
+        return GuidedVideoPipelineOutput.of(self.guided_output(video, nfe_per_image, state, guide, sampler,
+                                                               warnings=cut))
 
     def check_video_call(self, **counts: Any) -> ExpertBoundary:
         """The expert boundary of this pipeline, after the checks the stock call lacks (before any

@@ -131,12 +131,13 @@ def _check_alterable(name: str, module: nn.Module, kind: str, owner: str) -> Non
                          "cross-attention, is not supported")
 
 
-def install_dispatcher(module: nn.Module) -> None:
-    """Put Wan's row-plan dispatcher in front of a block's forward or an attention layer's
-    processor, once (again when the processor was replaced since). The shared installers of
-    :mod:`.row_plan` then leave it in place: it is one of theirs."""
+def install_dispatcher(module: nn.Module, kind: str) -> None:
+    """Put Wan's row-plan dispatcher in front of a block's forward (``kind`` "skip": Wan skips whole
+    blocks only) or an attention layer's processor (the other kinds), once (again when the
+    processor was replaced since). The shared installers of :mod:`.row_plan` then leave it in
+    place: it is one of theirs."""
     with _INSTALL:
-        if hasattr(module, "processor"):
+        if kind != "skip":
             if not isinstance(module.processor, WanPlanProcessor):
                 module.processor = WanPlanProcessor(module.processor)
         elif not isinstance(vars(module).get("forward"), WanBlockForward):

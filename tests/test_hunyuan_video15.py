@@ -27,10 +27,11 @@ from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance
 from diffusers.models.transformers import transformer_hunyuan_video15
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
-from guidance_engine.guidance import Branch, Perturbation
+from guidance_engine.guidance import Branch
 from guidance_engine.pipelines.hunyuan_video15 import GuidedHunyuanVideo15Pipeline, HunyuanVideo15Branches
 from guidance_engine.pipelines.toy.tiny_hunyuan_video15 import tiny_hunyuan_video15_components
 from conftest import PROMPT, quiet, seeded
+from video_helpers import altered, captured_branches, no_forward
 
 STEPS = 3
 CALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": STEPS, "output_type": "latent"}
@@ -59,17 +60,6 @@ def pair(short: bool = True, **options: Any) -> tuple[HunyuanVideo15Pipeline, Gu
 @pytest.fixture(scope="module")
 def hunyuan():
     return pair()
-
-
-def no_forward(pipe) -> list:
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(1)
-        raise AssertionError("the transformer ran")
-
-    pipe.transformer.forward = refuse
-    return calls
 
 
 # --------------------------------------------------------------------------- the stock recipe
@@ -224,7 +214,8 @@ def test_ag_runs_and_one_listed_negative_is_the_calls_negative_prompt(hunyuan) -
      r"method 'nag' alters cross-attention, which GuidedHunyuanVideo15Pipeline does not have"),
     ({"guidance": {"name": "seg", "layers": [0]}}, r"needs perturbation 'blur', which GuidedHunyuanVideo15Pipeline "
                                                    r"does not support yet \(it supports identity, skip\)"),
-    ({"guidance": "sag"}, r"method 'sag' reads a plain self-attention map"),
+    ({"guidance": "sag"}, r"method 'sag' reads a self-attention map, which GuidedHunyuanVideo15Pipeline does not "
+                          r"record"),
     ({"guidance": {"name": "slg", "layers": [2]}},
      r"'layers' must be HunyuanVideo 1.5 transformer block indices 0..1 .*got 2"),
     ({"guidance": {"name": "pag", "layers": ["transformer_blocks.0.attn"]}},
@@ -254,28 +245,10 @@ def test_another_guider_is_refused_with_guidance_none_before_any_forward() -> No
 
 
 # --------------------------------------------------------------------------- layers against references
-class _Captured(Exception):
-    def __init__(self, branches) -> None:
-        super().__init__("captured")
-        self.branches = branches
-
-
 @pytest.fixture(scope="module")
 def branches(hunyuan) -> HunyuanVideo15Branches:
     """The branch model a pipeline call builds (the stock conditions), before any denoising step."""
-    guided = hunyuan[1]
-
-    def denoise(branches, *args, **kwargs):
-        raise _Captured(branches)
-
-    guided.denoise = denoise
-    try:
-        guided(GLYPH, negative_prompt="blue", **CALL)
-    except _Captured as captured:
-        return captured.branches
-    finally:
-        del guided.denoise
-    raise AssertionError("the pipeline did not reach its denoising loop")
+    return captured_branches(hunyuan[1], prompt=GLYPH, negative_prompt="blue", **CALL)
 
 
 def evaluate(branches, x: torch.Tensor, requests, model=None) -> dict[str, torch.Tensor]:
@@ -284,10 +257,6 @@ def evaluate(branches, x: torch.Tensor, requests, model=None) -> dict[str, torch
         branches.model = model
     with torch.no_grad():
         return branches(x, T, requests)
-
-
-def altered(kind: str, layer: int | str) -> Branch:
-    return Branch(f"altered_{kind}_{layer}", base="cond", perturb=Perturbation(kind, (layer,)))
 
 
 def plain(branches, x: torch.Tensor, model=None) -> torch.Tensor:

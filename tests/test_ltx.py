@@ -13,13 +13,15 @@ the tiny transformer:
 
 and STG as Hyung et al.'s LTX pipelines run it (junhahyung/stguidance,
 diffusers/ltxvideo/pipeline_stg_ltx.py: one forward of [uncond, cond, perturbed] rows, u + s (c - u)
-+ w (c - p)), re-implemented here as a loop over a deep copy, against the engine's PAG and SLG.
++ w (c - p), and their ``do_rescaling``: g (phi std(c) / std(g) + 1 - phi), one std over the
+batch), re-implemented here as a loop over a deep copy, against the engine's PAG and SLG (with
+``rescale``); ``rescale`` 0 is the perturbation rule itself, bit for bit, and at w = 0 the stock
+CFG rescale, bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -29,13 +31,17 @@ import torch.nn.functional as F
 from diffusers import LTXPipeline
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
-from guidance_engine.guidance import Branch, Perturbation
+from guidance_engine.guidance import Branch, StepInfo
 from guidance_engine.methods.nag import NAGAttention
+from guidance_engine.methods.perturbed import perturbed_guidance
+from guidance_engine.prediction import Prediction
+from guidance_engine.registry import resolve_guidance
 from guidance_engine.pipelines.ltx import GuidedLTXPipeline, LTXBranches
 from guidance_engine.pipelines.ltx_attention import text_mask_bias
 from guidance_engine.pipelines.messages import PromptTruncatedWarning
 from guidance_engine.pipelines.toy.tiny_ltx import tiny_ltx_components
 from conftest import PROMPT, quiet, seeded
+from video_helpers import altered, captured_branches, no_forward
 
 STEPS = 3
 CALL = {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": STEPS, "max_sequence_length": 16,
@@ -58,18 +64,6 @@ def pair(**options: Any) -> tuple[LTXPipeline, GuidedLTXPipeline]:
 @pytest.fixture(scope="module")
 def ltx():
     return pair()
-
-
-def no_forward(pipe) -> list:
-    """Replace the transformer's forward by one that records the call and raises."""
-    calls = []
-
-    def refuse(*args, **kwargs):
-        calls.append(1)
-        raise AssertionError("the transformer ran")
-
-    pipe.transformer.forward = refuse
-    return calls
 
 
 # --------------------------------------------------------------------------- the stock recipe
@@ -275,25 +269,9 @@ def test_a_bad_decode_timestep_is_refused_before_any_forward() -> None:
 
 
 # --------------------------------------------------------------------------- layers against references
-class _Captured(Exception):
-    def __init__(self, branches) -> None:
-        super().__init__("captured")
-        self.branches = branches
-
-
 def branches_of(pipe, **call: Any) -> LTXBranches:
     """The branch model a pipeline call builds (the stock conditions), before any denoising step."""
-    def denoise(branches, *args, **kwargs):
-        raise _Captured(branches)
-
-    pipe.denoise = denoise
-    try:
-        pipe(**{"prompt": PROMPT, **CALL, "negative_prompt": "blue", **call})
-    except _Captured as captured:
-        return captured.branches
-    finally:
-        del pipe.denoise
-    raise AssertionError("the pipeline did not reach its denoising loop")
+    return captured_branches(pipe, **{"prompt": PROMPT, **CALL, "negative_prompt": "blue", **call})
 
 
 @pytest.fixture(scope="module")
@@ -308,10 +286,6 @@ def evaluate(branches, x: torch.Tensor, requests, model=None) -> dict[str, torch
         branches.model = model
     with torch.no_grad():
         return branches(x, T, requests)
-
-
-def altered(kind: str, layer: int | str, sigma: float = math.inf) -> Branch:
-    return Branch(f"altered_{kind}_{layer}", base="cond", perturb=Perturbation(kind, (layer,), sigma=sigma))
 
 
 def latents(seed: int, rows: int = 1) -> torch.Tensor:
@@ -485,9 +459,12 @@ class _STGProcessor(LTXVideoAttnProcessor):
         return torch.cat([first, perturbed])
 
 
-def stg_reference(stock: LTXPipeline, mode: str, scale: float, stg_scale: float, block: int, generator) -> torch.Tensor:
+def stg_reference(stock: LTXPipeline, mode: str, scale: float, stg_scale: float, block: int, generator,
+                  rescaling: float = 0.0) -> torch.Tensor:
     """STG's LTX loop on a deep copy of the stock transformer (packed latents, the stock schedule
-    and embeddings), its rule in float64: g = u + s (c - u) + w (c - p) before each stock step."""
+    and embeddings), its rule in float64: g = u + s (c - u) + w (c - p) before each stock step,
+    then with ``rescaling`` phi > 0 their do_rescaling, g (phi std(c) / std(g) + 1 - phi), each
+    std over the whole batch."""
     transformer = copy.deepcopy(stock.transformer)
     transformer.transformer_blocks[block].attn1.set_processor(_STGProcessor(mode))
     with torch.no_grad():
@@ -505,15 +482,20 @@ def stg_reference(stock: LTXPipeline, mode: str, scale: float, stg_scale: float,
                               width=8, rope_interpolation_scale=(4 / 25, 4, 4), return_dict=False)[0].double()
             u, c, p = out.chunk(3)
             guided = u + scale * (c - u) + stg_scale * (c - p)
+            if rescaling:
+                guided = guided * (rescaling * (c.std() / guided.std()) + (1 - rescaling))
             x = stock.scheduler.step(guided.float(), t, x, return_dict=False)[0]
     return x
 
 
-@pytest.mark.parametrize("mode, guidance", [
+STG_MODES = [
     ("STG-A", {"name": "pag", "scale": 3.0, "pag_scale": 1.0, "layers": [1]}),
     ("STG-R", {"name": "slg", "scale": 3.0, "slg_scale": 1.0, "layers": ["transformer_blocks.1.attn1"], "start": 0.0,
                "stop": 1.0}),
-])
+]
+
+
+@pytest.mark.parametrize("mode, guidance", STG_MODES)
 def test_stg_is_pag_or_slg_with_cfg(ltx, mode, guidance) -> None:
     stock, guided = ltx
     want = stg_reference(stock, mode, 3.0, 1.0, 1, seeded(0))
@@ -521,3 +503,92 @@ def test_stg_is_pag_or_slg_with_cfg(ltx, mode, guidance) -> None:
     assert got.nfe == 3 * STEPS and torch.allclose(got.frames, want, atol=1e-5, rtol=0)
     cfg = stock(PROMPT, negative_prompt="blue", generator=seeded(0), **CALL).frames
     assert not torch.allclose(got.frames, cfg, atol=1e-3)  # the STG term acts
+
+
+@pytest.mark.parametrize("mode, guidance", STG_MODES)
+def test_stg_with_rescaling_is_their_do_rescaling(ltx, mode, guidance) -> None:
+    """``rescale=0.7`` (their fixed rescaling_scale) against their loop with do_rescaling; the
+    pipelines' ``guidance_rescale`` argument sets the same parameter."""
+    stock, guided = ltx
+    want = stg_reference(stock, mode, 3.0, 1.0, 1, seeded(0), rescaling=0.7)
+    got = guided(PROMPT, negative_prompt="blue", guidance={**guidance, "rescale": 0.7}, generator=seeded(0), **CALL)
+    assert got.nfe == 3 * STEPS and torch.allclose(got.frames, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(want, stg_reference(stock, mode, 3.0, 1.0, 1, seeded(0)), atol=1e-3)  # it acts
+    through_call = guided(PROMPT, negative_prompt="blue", guidance=guidance, guidance_rescale=0.7,
+                          generator=seeded(0), **CALL)
+    assert torch.equal(through_call.frames, got.frames)
+
+
+def test_rescale_at_perturbation_scale_zero_is_the_stock_cfg_rescale_bit_for_bit(ltx) -> None:
+    stock, guided = ltx
+    want = stock(PROMPT, negative_prompt="blue", guidance_rescale=0.7, generator=seeded(0), **CALL).frames
+    guidance = {"name": "pag", "scale": 3.0, "pag_scale": 0.0, "layers": [1], "rescale": 0.7}
+    got = guided(PROMPT, negative_prompt="blue", guidance=guidance, generator=seeded(0), **CALL)
+    assert torch.equal(got.frames, want) and got.nfe == 2 * STEPS
+
+
+def _flow_predictions(seed: int, rows: int = 2) -> dict[str, Prediction]:
+    """Random flow predictions of the cond, uncond and perturbed branches on one input (5-D, as a
+    video's latents), the perturbed one under each perturbation method's branch name."""
+    generator = seeded(seed)
+    x = torch.randn((rows, *LATENT), generator=generator)
+    sigma = torch.full((rows,), 0.6, dtype=torch.float64)
+
+    def prediction() -> Prediction:
+        return Prediction(torch.randn(x.shape, generator=generator), x, 1 - sigma, sigma, "flow")
+
+    cond, uncond, perturbed = prediction(), prediction(), prediction()
+    return {"cond": cond, "uncond": uncond, **{name: perturbed for name in ("pag", "seg", "slg")}}
+
+
+STEP = StepInfo(index=1, num_steps=STEPS, sigma=1.5, sigma_next=0.5, timestep=600.0)
+
+
+@pytest.mark.parametrize("name", ["pag", "seg", "slg"])
+def test_rescale_zero_is_the_perturbation_rule_bit_for_bit(name) -> None:
+    preds = _flow_predictions(8)
+    method = resolve_guidance({"name": name, "scale": 3.0, "layers": [0], "start": 0.0, "stop": 1.0})
+    w = method.perturb_scale
+    out = method.combine(preds, STEP, None)
+    want = perturbed_guidance(preds["cond"].output, preds["uncond"].output, preds[name].output, 3.0, w)
+    assert method.rescale == 0 and not out.split and torch.equal(out.denoise.output, want)
+
+
+@pytest.mark.parametrize("name, phi", [("pag", 0.7), ("seg", 0.3), ("slg", 1.0)])
+def test_rescale_is_lins_rule_per_video_after_the_perturbation_term(name, phi) -> None:
+    """In float64, per video: g (phi std(c) / std(g) + 1 - phi), g the whole rule (STG's form,
+    video by video); PAG alone (scale 1) rescales c + w (c - p) alike."""
+    preds = _flow_predictions(9)
+    c, u, p = (preds[key].output.double() for key in ("cond", "uncond", name))
+    for scale in (3.0, 1.0):
+        method = resolve_guidance({"name": name, "scale": scale, "layers": [0], "start": 0.0, "stop": 1.0,
+                                   "rescale": phi})
+        w = method.perturb_scale
+        g = (c if scale == 1 else u + scale * (c - u)) + w * (c - p)
+        want = torch.stack([g[i] * (phi * c[i].std() / g[i].std() + 1 - phi) for i in range(len(g))])
+        got = method.combine({k: v for k, v in preds.items() if scale != 1 or k != "uncond"}, STEP, None)
+        assert torch.allclose(got.denoise.output.double(), want, atol=1e-5, rtol=1e-5), scale
+        assert not torch.allclose(got.denoise.output.double(), g, atol=1e-3)  # the rescale acts
+
+
+def test_rescale_with_a_base_method_rescales_its_prediction_plus_the_perturbation_term() -> None:
+    preds = _flow_predictions(10)
+    plain = resolve_guidance({"name": "pag", "layers": [0], "base": {"name": "apg", "scale": 5.0}})
+    rescaled = resolve_guidance({"name": "pag", "layers": [0], "base": {"name": "apg", "scale": 5.0}, "rescale": 0.5})
+    g = plain.combine(preds, STEP, plain.init_state(2, torch.device("cpu"))).denoise.output
+    got = rescaled.combine(preds, STEP, rescaled.init_state(2, torch.device("cpu"))).denoise.output
+    c = preds["cond"].output
+    dims = list(range(1, c.ndim))
+    want = 0.5 * g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)) + 0.5 * g
+    assert torch.allclose(got, want, atol=1e-6, rtol=0) and not torch.allclose(got, g, atol=1e-3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "pag", "rescale": 1.5}, r"pag: parameter 'rescale' must be \[0, 1\], got 1.5"),
+    ({"name": "slg", "rescale": -0.1}, r"slg: parameter 'rescale' must be \[0, 1\], got -0.1"),
+    ({"name": "sag", "rescale": 0.5}, r"sag: parameter 'rescale' must be 0 \(sag combines its predictions its own "
+                                      r"way and has no rescale\), got 0.5"),
+])
+def test_a_bad_rescale_is_refused(spec, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_guidance(spec)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from guidance_engine.guidance import Branch, Perturbation, StepInfo
+from guidance_engine.guidance import Branch, StepInfo
 from guidance_engine.methods.cfg import CFG
 from guidance_engine.methods.nag import NAGAttention
 from guidance_engine.pipelines.messages import PromptTruncatedWarning
@@ -33,6 +33,7 @@ from guidance_engine.pipelines.wan import GuidedWanPipeline, TwoExpertCFG, WanBr
 from guidance_engine.pipelines.wan_attention import VideoTokens, blur_frames
 from guidance_engine.prediction import Prediction
 from conftest import PROMPT, quiet, seeded
+from video_helpers import altered, captured_branches
 
 STEPS = 3
 CALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": STEPS, "max_sequence_length": 16,
@@ -345,25 +346,9 @@ def test_the_low_noise_expert_is_checked_for_the_layers_too() -> None:
 
 
 # --------------------------------------------------------------------------- layers against references
-class _Captured(Exception):
-    def __init__(self, branches) -> None:
-        super().__init__("captured")
-        self.branches = branches
-
-
 def branches_of(pipe, **call: Any) -> WanBranches:
     """The branch model a pipeline call builds (the stock conditions), before any denoising step."""
-    def denoise(branches, *args, **kwargs):
-        raise _Captured(branches)
-
-    pipe.denoise = denoise
-    try:
-        pipe(**{"prompt": PROMPT, **CALL, "negative_prompt": "blue", **call})
-    except _Captured as captured:
-        return captured.branches
-    finally:
-        del pipe.denoise
-    raise AssertionError("the pipeline did not reach its denoising loop")
+    return captured_branches(pipe, **{"prompt": PROMPT, **CALL, "negative_prompt": "blue", **call})
 
 
 @pytest.fixture(scope="module")
@@ -378,10 +363,6 @@ def evaluate(branches, x: torch.Tensor, requests, model=None, t: torch.Tensor = 
         branches.model, branches.model_2 = model, None
     with torch.no_grad():
         return branches(x, t, requests)
-
-
-def altered(kind: str, layer: int, sigma: float = math.inf) -> Branch:
-    return Branch(f"altered_{kind}", base="cond", perturb=Perturbation(kind, (layer,), sigma=sigma))
 
 
 def latents(seed: int, rows: int = 1) -> torch.Tensor:

@@ -17,6 +17,27 @@ to the prediction it moves with. Its scale is set inside it (``base={"name": "ap
 Windows: the base class interval (``sigma_min``..``sigma_max``, ``start``..``stop``) and
 ``schedule`` apply to the perturbation term; CFG at ``scale`` runs at every step, as in the stock
 PAG and SD3 pipelines.
+
+Rescale (``rescale`` phi in [0, 1], default 0 = off): Lin et al.'s std rescale of the guided
+output g towards the conditional prediction c, after the perturbation term,
+
+    g_r = g std(c) / std(g),   out = phi g_r + (1 - phi) g      (std per sample, :func:`.cfg.rescale`)
+
+at every step where the output is guided (CFG alone outside the perturbation window included),
+on the raw network output (eps, v or flow velocity) as diffusers' rescale. It is STG's
+``do_rescaling`` (Hyung et al., arXiv 2411.18664; junhahyung/stguidance,
+``diffusers/ltxvideo/pipeline_stg_ltx.py``, and diffusers' community ``pipeline_stg_ltx.py``:
+``g = g (0.7 std(c) / std(g) + 0.3)`` after ``u + s (c - u) + w (c - p)``: their fixed
+``rescaling_scale`` 0.7 is phi = 0.7) and, in the same place, diffusers' PAG pipelines'
+``guidance_rescale`` (``rescale_noise_cfg`` on the PAG output; the pipelines' ``guidance_rescale``
+argument sets ``rescale``). With ``base``, the rescale acts on the base method's moving
+prediction plus ``w (c - p)`` (a split base renoises with its own, unrescaled, prediction).
+Deviations: STG takes one std over the whole batch (every video of the call together), here per
+video (the same for one video; STG's own runs are one video each); STG multiplies g by
+``phi r + 1 - phi``, here ``phi (g r) + (1 - phi) g`` as diffusers (equal up to float rounding);
+STG and diffusers rescale only with CFG on (s > 1), here also PAG / SEG / SLG / TPG alone (s = 1),
+towards c alike; a sample whose guided output is constant is left as it is (:func:`.cfg.rescale`;
+theirs divide by 0). SAG, which combines its own way, refuses ``rescale``.
 """
 
 from __future__ import annotations
@@ -31,6 +52,7 @@ import torch
 from ..guidance import Branch, Guidance, GuidedPrediction, Perturbation, StepInfo, param
 from ..prediction import Prediction
 from ..registry import resolve_guidance
+from .cfg import rescale as std_rescale
 
 _LAYER_NAME = re.compile(r"^(mid|down|up|mid_block|down_blocks|up_blocks|transformer_blocks|single|double"
                          r"|single_transformer_blocks|refiner|layers|noise_refiner)(\.[A-Za-z0-9_]+)*$")
@@ -109,10 +131,17 @@ class PerturbedGuidance(Guidance):
     stop: float = param(1.0, low=0.0, high=1.0, doc="perturbation term before this fraction of the steps")
     base: Any = field(default=None, metadata={
         "doc": "a method combining cond and uncond instead of CFG at `scale` (apg, cfgpp, cfg_zero_star, ag, ...)"})
+    rescale: float = param(0.0, low=0.0, high=1.0,
+                           doc="std rescale phi of the guided output towards the conditional prediction, after the "
+                               "perturbation term (STG's do_rescaling: 0.7; diffusers' PAG guidance_rescale); 0 = off")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "layers", normalize_layers(self.layers, self.name))
+        if self.rescale != 0 and type(self).combine is not PerturbedGuidance.combine:
+            # a subclass combining its own way (SAG) does not pass through the rescale below
+            raise ValueError(f"{self.name}: parameter 'rescale' must be 0 ({self.name} combines its predictions its "
+                             f"own way and has no rescale), got {self.rescale!r}")
         if self.base is None:
             return
         base = self.base if isinstance(self.base, Guidance) else resolve_guidance(self.base)
@@ -185,6 +214,15 @@ class PerturbedGuidance(Guidance):
         return tuple(names)
 
     def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
+        guided = self.combine_terms(preds, step, state)
+        if self.rescale == 0 or guided.denoise is preds["cond"]:  # off, or nothing guided at this step
+            return guided
+        denoise = guided.denoise.with_output(std_rescale(guided.denoise.output, preds["cond"].output, self.rescale))
+        return GuidedPrediction(denoise, guided.renoise if guided.split else denoise)
+
+    def combine_terms(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
+        """``u + s (c - u) + w (c - p)``, or the base method's prediction plus ``w (c - p)``
+        (before the rescale)."""
         cond = preds["cond"]
         if self.base is not None:
             perturbed = preds.get(self.branch_name)

@@ -43,7 +43,7 @@ from ..models import (DIT_SHORTHAND, generate_from_prompts, is_class_conditional
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..models import is_video_model
 
-    if is_video_model(args.model):  # a text-to-video (Wan) checkpoint writes clips
+    if is_video_model(args.model):  # a text-to-video checkpoint (Wan, LTX-Video, HunyuanVideo 1.5) writes clips
         from .video_io import cmd_generate_video
         return cmd_generate_video(args)
     if args.num_frames is not None:
@@ -287,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attention processor (triton: the project's kernel; falls back to sdpa where it cannot run)")
     gen.add_argument("-o", "--output", default=None,
                      help="file to write: a PNG (default out.png; several images: out-0.png, ...); for a video "
-                     "model (--model video) a .gif, .webp or .mp4 clip (default out.gif) and its settings in "
-                     "<clip>.json")
+                     "model (--model video, a Wan, LTX-Video or HunyuanVideo 1.5 directory) a .gif, .webp or .mp4 "
+                     "clip (default out.gif) and its settings in <clip>.json")
     gen.add_argument("--num-frames", type=int, default=None,
-                     help="video models: frames per clip, 4 k + 1 (default: the model's, 9 for the shipped one)")
+                     help="video models: frames per clip, t k + 1 with t the VAE's temporal factor (Wan, "
+                     "HunyuanVideo 1.5: 4; LTX-Video: 8) (default: the stock pipeline's, 9 for the shipped model)")
     gen.add_argument("--fps", type=int, default=10, help="video models: frames per second of the clip, 1 to 100")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     gen.set_defaults(func=cmd_generate)

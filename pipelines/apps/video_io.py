@@ -1,9 +1,25 @@
 """Clips: writing a generated video (animated GIF / WebP through Pillow, MP4 through imageio-ffmpeg
 or PyAV), reading one back, its settings beside it, and ``guidance-engine generate`` on a
-text-to-video (Wan) model.
+text-to-video model: a Wan 2.1 / 2.2, LTX-Video or HunyuanVideo 1.5 checkpoint directory.
 
     guidance-engine generate "a red circle moving right on a blue background" --model video -o clip.gif
     guidance-engine generate "a blue square moving up on a white background" --model video -o clip.mp4
+    guidance-engine generate "a cat walking" --model path/to/LTX-Video -o clip.webp --num-frames 97
+
+The clip's size, by family (:func:`video_family`, read from the checkpoint's configs before any
+model loads): frames ``t k + 1`` with t the VAE's temporal factor (Wan and HunyuanVideo 1.5: 4,
+LTX-Video: 8, in the stock VAEs; the factor of the checkpoint's own VAE config is the rule), sides
+multiples of the VAE's spatial factor times the transformer's patch (LTX-Video: also of 32, the
+stock pipeline's check). Defaults: the stock pipeline's (Wan 480 x 832, 81 frames; LTX-Video
+512 x 704, 161 frames; HunyuanVideo 1.5: 121 frames at the stock 16:9 size for the transformer's
+``target_size``, 480 x 848 at 640), the shipped model's native 32 x 32, 9 frames.
+
+Options of the image command that a video model does not take (``--config``, ``--scheduler``,
+``--karras``, ``--timestep-spacing``, ``--ays``) are refused before any model loads
+(:func:`refuse_image_options`); ``--lora`` loads LoRAs into the pipelines that have a LoRA loader
+(Wan, LTX-Video; HunyuanVideo 1.5 has none and refuses it), and the settings file records them.
+LTX-Video's ``frame_rate`` (the rate its rotary positions assume) stays the stock 25 whatever
+``--fps`` writes the clip at.
 
 Formats, by the output's suffix:
 
@@ -17,7 +33,7 @@ Formats, by the output's suffix:
 
 Every clip is written under a temporary name in its directory and renamed when complete, then
 its settings go to ``<clip>.json`` beside it (same way): prompt, method, sampler, steps, seed,
-model, size, frame count, rate, NFEs, and the SHA-256 of the frames (uint8, before encoding).
+model, LoRAs, size, frame count, rate, NFEs, and the SHA-256 of the frames (uint8, before encoding).
 :func:`rebuild_clip` regenerates the frames from that file; with the same model and device they
 are the same bytes (the CLI generates each clip in its own call, so a rebuilt clip alone equals
 it: batch rows need not agree to the last bit).
@@ -29,10 +45,12 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,8 +60,9 @@ from guidance_engine import strict_json
 
 from . import cli_common
 
-__all__ = ["DEFAULT_FPS", "DEFAULT_OUTPUT", "VIDEO_SUFFIXES", "check_video_outputs", "cmd_generate_video",
-           "frames_digest", "mp4_backend", "read_clip", "rebuild_clip", "settings_path", "to_uint8", "write_clip"]
+__all__ = ["DEFAULT_FPS", "DEFAULT_OUTPUT", "VIDEO_SUFFIXES", "VideoFamily", "check_video_outputs",
+           "cmd_generate_video", "frames_digest", "mp4_backend", "read_clip", "rebuild_clip", "refuse_image_options",
+           "settings_path", "to_uint8", "video_family", "write_clip"]
 
 VIDEO_SUFFIXES = (".gif", ".webp", ".mp4")
 #: The clip generate writes for a video model when -o is not given.
@@ -54,6 +73,14 @@ DEFAULT_FPS = 10
 SHIPPED_CLIP = {"height": 32, "width": 32, "num_frames": 9}
 #: The stock Wan pipeline's defaults, for any other Wan checkpoint.
 STOCK_CLIP = {"height": 480, "width": 832, "num_frames": 81}
+#: The stock LTXPipeline's defaults.
+LTX_STOCK_CLIP = {"height": 512, "width": 704, "num_frames": 161}
+#: The stock HunyuanVideo15Pipeline's frame count (its size follows the transformer's target_size).
+HUNYUAN_VIDEO15_STOCK_FRAMES = 121
+#: The stock LTXPipeline's check_inputs: sides divisible by 32.
+LTX_SIDE_MULTIPLE = 32
+#: Most frames a clip may have (a bound on what a command line may ask, not a model's).
+MAX_FRAMES = 1025
 _MP4_INSTALL = "pip install 'guidance-engine[video]' (imageio and imageio-ffmpeg), or PyAV ('pip install av')"
 
 
@@ -248,7 +275,8 @@ def rebuild_clip(settings: str | os.PathLike | Mapping[str, Any], model=None, de
     """Regenerate the clip a settings file (a ``<clip>.json`` path, or its dict) describes, as
     ``uint8 [frames, height, width, 3]``.
 
-    ``model``: None is the settings' model; a directory; or an already loaded guided pipeline.
+    ``model``: None is the settings' model; a directory; or an already loaded guided pipeline
+    (with the settings' LoRAs already in it: only a pipeline loaded here gets them loaded).
     ``device``: None is the settings' device. Same model and device: the same bytes as the clip's
     ``frames_sha256``.
     """
@@ -264,33 +292,128 @@ def rebuild_clip(settings: str | os.PathLike | Mapping[str, Any], model=None, de
     if model is None or isinstance(model, (str, os.PathLike)):
         pipe = load_pipeline(_model_arg(str(model) if model is not None else settings.get("model")),
                              device=settings["device"], dtype=settings.get("dtype", "float32"))
+        if settings.get("loras"):
+            cli_common.load_loras(pipe, [(Path(path), float(scale)) for path, scale in settings["loras"]])
     else:
         pipe = model
     pipe.set_progress_bar_config(disable=True)
     return to_uint8(clip_call(pipe, settings).frames[0])
 
 
-def _clip_size(args: argparse.Namespace) -> dict[str, int]:
-    """Height, width and frames of the call: the options, else the shipped model's native clip, else
-    the stock Wan defaults (any other checkpoint)."""
-    from ..models import default_video_model_path, resolve_model
+@dataclass(frozen=True)
+class VideoFamily:
+    """What the CLI checks of a video checkpoint before it loads: the family's name (as messages
+    say it), the frame rule ``temporal k + 1``, the multiple ``spatial`` of both sides (and
+    ``spatial_why``, where it comes from), and the clip the stock pipeline makes by default."""
 
-    from .cli_checks import check_int, check_size
+    name: str
+    temporal: int
+    spatial: int
+    default: Mapping[str, int]
+    spatial_why: str = "its VAE's spatial factor times the transformer's patch"
 
+    def check(self, size: Mapping[str, int]) -> None:
+        """ValueError naming the option, the rule and the value, unless ``size`` keeps the rules."""
+        from .cli_checks import check_int, check_size
+
+        check_size("--height", size["height"])
+        check_size("--width", size["width"])
+        for option, key in (("--height", "height"), ("--width", "width")):
+            if size[key] % self.spatial:
+                raise ValueError(f"{option}: {self.name} takes sides that are multiples of {self.spatial} "
+                                 f"({self.spatial_why}), got {size[key]}")
+        check_int("--num-frames", size["num_frames"], 1, MAX_FRAMES)
+        if size["num_frames"] % self.temporal != 1 % self.temporal:
+            t = self.temporal
+            raise ValueError(f"--num-frames: {self.name}'s VAE takes {t} k + 1 frames (1, {t + 1}, {2 * t + 1}, ..., "
+                             f"at most {MAX_FRAMES}), got {size['num_frames']}")
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    """A component's ``config.json`` (empty when it has none: the class defaults then apply)."""
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _wan(vae: Mapping[str, Any], transformer: Mapping[str, Any], shipped: bool) -> VideoFamily:
+    # AutoencoderKLWan's defaults 4 and 8; WanTransformer3DModel's patch (1, 2, 2)
+    patch = transformer.get("patch_size", (1, 2, 2))
+    spatial = vae.get("scale_factor_spatial", 8) * max(patch[1], patch[2])
+    return VideoFamily("Wan", vae.get("scale_factor_temporal", 4), spatial, SHIPPED_CLIP if shipped else STOCK_CLIP)
+
+
+def _ltx(vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> VideoFamily:
+    # AutoencoderKLLTXVideo's own rule when the ratios are not given: patch x 2 ^ (scaling stages)
+    stages = sum(bool(v) for v in vae.get("spatio_temporal_scaling", (True, True, True, False)))
+    temporal = vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * 2 ** stages
+    spatial = (vae.get("spatial_compression_ratio") or vae.get("patch_size", 4) * 2 ** stages) \
+        * transformer.get("patch_size", 1)
+    return VideoFamily("LTX-Video", temporal, math.lcm(spatial, LTX_SIDE_MULTIPLE), LTX_STOCK_CLIP,
+                       f"its VAE's spatial factor times the transformer's patch, {spatial}, and the stock "
+                       f"pipeline's {LTX_SIDE_MULTIPLE}")
+
+
+def _hunyuan_video15(vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> VideoFamily:
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    spatial = vae.get("spatial_compression_ratio", 16)
+    # the stock default: the crop size nearest 16:9 for the transformer's target_size (640: 480 x 848)
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=spatial)
+    height, width = processor.calculate_default_height_width(9, 16, transformer.get("target_size", 640))
+    return VideoFamily("HunyuanVideo 1.5", vae.get("temporal_compression_ratio", 4),
+                       spatial * transformer.get("patch_size", 1),
+                       {"height": int(height), "width": int(width), "num_frames": HUNYUAN_VIDEO15_STOCK_FRAMES})
+
+
+def video_family(model: str | os.PathLike | None) -> VideoFamily:
+    """The :class:`VideoFamily` of a video checkpoint directory (``model`` as ``resolve_model``
+    reads it), from its ``model_index.json`` and its VAE's and transformer's config files; each
+    entry a config lacks is the diffusers class's default."""
+    from ..models import default_video_model_path, model_class_name, resolve_model
+
+    path = Path(resolve_model(model))
+    vae, transformer = _config(path / "vae"), _config(path / "transformer")
+    name = model_class_name(path)
+    if name == "LTXPipeline":
+        return _ltx(vae, transformer)
+    if name == "HunyuanVideo15Pipeline":
+        return _hunyuan_video15(vae, transformer)
     try:
-        shipped = Path(resolve_model(args.model)).resolve() == default_video_model_path().resolve()
+        shipped = path.resolve() == default_video_model_path().resolve()
     except FileNotFoundError:  # no shipped video model here: --model names another checkpoint
         shipped = False
-    size = dict(SHIPPED_CLIP if shipped else STOCK_CLIP)
+    return _wan(vae, transformer, shipped)
+
+
+def _clip_size(args: argparse.Namespace) -> dict[str, int]:
+    """Height, width and frames of the call: the options, else the family's default clip (the
+    shipped model's native one for it), checked against the family's rules."""
+    family = video_family(args.model)
+    size = dict(family.default)
     for key, value in (("height", args.height), ("width", args.width), ("num_frames", args.num_frames)):
         if value is not None:
             size[key] = value
-    check_size("--height", size["height"])
-    check_size("--width", size["width"])
-    check_int("--num-frames", size["num_frames"], 1, 1025)
-    if size["num_frames"] % 4 != 1:
-        raise ValueError(f"--num-frames: Wan's VAE takes 4 k + 1 frames (1, 5, 9, ..., 1025), got {size['num_frames']}")
+    family.check(size)
     return size
+
+
+#: The image command's options a video model does not take: (option, attribute, unset value, why).
+_IMAGE_OPTIONS = (
+    ("--config", "config", None, "video models load from diffusers directories, which hold their own configs"),
+    ("--scheduler", "scheduler", None, "their flow-matching scheduler is the checkpoint's, and --sampler picks "
+                                       "the engine's solver"),
+    ("--karras", "karras", False, "Karras sigmas are for DDPM-trained schedulers; theirs is a flow-matching one"),
+    ("--timestep-spacing", "timestep_spacing", None, "their flow-matching scheduler sets its own levels"),
+    ("--ays", "ays", False, "AYS timesteps exist for SD 1.x/2.x and SDXL only"),
+)
+
+
+def refuse_image_options(args: argparse.Namespace) -> None:
+    """ValueError for the first image-only option that is set: video models do not take it."""
+    for option, attribute, unset, why in _IMAGE_OPTIONS:
+        value = getattr(args, attribute, unset)
+        if value != unset:
+            raise ValueError(f"{option}: video models do not take it; {why}; got {value!r}")
 
 
 def cmd_generate_video(args: argparse.Namespace) -> int:
@@ -298,9 +421,12 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     (clip i with seed + i), each written by :func:`write_clip` with its settings."""
     from guidance_engine.registry import resolve_guidance
 
-    from .cli_checks import (check_device, check_eta, check_int, check_model_directory, check_run_settings,
-                             check_seeds, check_steps)
+    from ..models import pipeline_class_for, resolve_model
 
+    from .cli_checks import (check_device, check_eta, check_int, check_loras, check_model_directory,
+                             check_run_settings, check_seeds, check_steps)
+
+    refuse_image_options(args)
     params = cli_common.parse_params(args.param)
     if args.scale is not None:
         params["scale"] = args.scale
@@ -308,15 +434,18 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     check_int("--num-images", args.num_images, 1, 1024)
     check_seeds("--seed", args.seed, args.num_images)
     check_int("--fps", args.fps, 1, 100)
-    size = _clip_size(args)
     check_eta(args.eta)
     check_device(args.device)
     check_model_directory(args.model)
+    size = _clip_size(args)
     check_steps(args.steps, args.model)
+    loras = check_loras(getattr(args, "lora", []), pipeline_class_for(resolve_model(args.model)))
     paths = cli_common.output_paths(Path(args.output or DEFAULT_OUTPUT), args.num_images)
     check_video_outputs("-o/--output", paths, args.overwrite)
     check_run_settings(guidance, args.model, steps=args.steps, sampler=args.sampler, eta=args.eta)
     pipe = cli_common.load_quietly(args.model, args.device, args.dtype)
+    if loras:
+        cli_common.load_loras(pipe, loras)
     if args.attention != "sdpa":
         in_effect = pipe.set_attention(args.attention)
         if in_effect != args.attention:
@@ -327,7 +456,8 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
         settings = {"command": "generate", "prompt": args.prompt, "negative_prompt": args.negative_prompt,
                     "guidance": guidance.to_dict(), "sampler": args.sampler or "auto", "eta": args.eta,
                     "steps": args.steps, "seed": args.seed + i, "model": str(args.model or "default"),
-                    "device": args.device, "dtype": args.dtype, **size}
+                    "loras": [[str(path), scale] for path, scale in loras], "device": args.device,
+                    "dtype": args.dtype, **size}
         out = clip_call(pipe, settings)
         total_nfe += out.nfe
         write_clip(out.frames[0], path, args.fps, {**settings, "nfe": out.nfe, "warnings": cut})
