@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 from . import conditions
 from .context_attention import BoundContext
+from .distilled import is_guidance_distilled
 from .messages import PromptTruncatedWarning
 from .perturbation import resolve_layers
 from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook, original_processor
@@ -107,6 +108,9 @@ class NetworkBranches:
         # At most this many rows per network call (None: one call for all of a step's branches);
         # set per run from the pipeline's ``set_max_batch_rows`` (:meth:`GuidedPipelineMixin._run_core`).
         self.max_batch_rows: int | None = None
+        # A guidance-distilled UNet's embedded guidance scale (``time_cond_proj_dim``: one row, the
+        # stock pipelines' ``timestep_cond``), the same for every row of every branch; None otherwise.
+        self.timestep_cond: torch.Tensor | None = None
         self._drawn: dict[str, dict[str, torch.Tensor]] | None = None  # this step's provider draws
 
     def _condition(self, name: str) -> dict[str, torch.Tensor]:
@@ -315,12 +319,15 @@ class NetworkBranches:
         if any(value is None for value in added.values()):
             added = None
         extra = stacked("inpaint_channels")  # a 9-channel inpainting UNet's mask and masked-image latents
+        timestep_cond = None
+        if self.timestep_cond is not None and getattr(model.config, "time_cond_proj_dim", None) is not None:
+            timestep_cond = self.timestep_cond.repeat(x_in.shape[0], 1)  # contiguous rows, as stock's
         with self.altered(model, x_in, spans):
             if extra is not None:
                 x_in = torch.cat([x_in, extra], dim=1)
             return model(x_in, timestep, encoder_hidden_states=stacked("encoder_hidden_states"),
-                         added_cond_kwargs=added, cross_attention_kwargs=self.cross_attention_kwargs,
-                         return_dict=False)[0]
+                         timestep_cond=timestep_cond, added_cond_kwargs=added,
+                         cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
 
 
 #: The former name (it holds transformers too).
@@ -821,9 +828,11 @@ class GuidedPipelineMixin:
         its interval); else ``guide`` at scale ``written`` plus :attr:`stock_scale_offset` (stock:
         CFG at the new scale; ValueError outside the method's range). None (no change) where the
         stock class has no such property (Flux, Flux.2 dev, Qwen-Image embed the value before their
-        loop: writing it changes nothing)."""
+        loop: writing it changes nothing), and on a guidance-distilled UNet (:mod:`.distilled`)."""
         if not isinstance(getattr(type(self), "do_classifier_free_guidance", None), property):
             return None
+        if getattr(self, "unet", None) is not None and is_guidance_distilled(self.unet):
+            return None  # stock embeds the scale before its loop and never guides: a write changes nothing
         if not self.do_classifier_free_guidance:
             return conditions.stock_guidance(1.0)
         return guide.new(scale=written + self.stock_scale_offset)

@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 
 from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .distilled import distilled_guidance, embed_scale, embedded_scale, is_guidance_distilled
 from .inversion import InversionMixin
 
 if TYPE_CHECKING:
@@ -107,8 +108,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         if unsupported:
             raise ValueError(f"{type(self).__name__}: unsupported argument(s) {unsupported} "
                              "(IP-Adapter and the deprecated `callback` are not supported)")
-        if self.unet.config.time_cond_proj_dim is not None:
-            raise ValueError("unet: guidance-distilled models (time_cond_proj_dim set, e.g. LCM) take no guidance")
+        distilled = is_guidance_distilled(self.unet)  # the scale is embedded: guidance_scale means that
+        embedded = embedded_scale(guidance_scale, self.default_guidance_scale) if distilled else None
         if start is not None:  # the image decides the size (checked: a multiple of the VAE factor)
             height, width = start.size(self, height, width)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -116,8 +117,9 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           None, None, callback_on_step_end_tensor_inputs)
         particle_output = self.check_particle_output(particle_output)
-        guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
-                                 negative_prompt, negative_prompt_embeds)
+        guide = distilled_guidance(self, guidance, guidance_rescale) if distilled else \
+            self.resolve_guidance(guidance, guidance_scale, guidance_rescale)
+        guide = self.for_prompts(guide, negative_prompt, negative_prompt_embeds)
         channels = self.unet.config.in_channels if start is None else self.vae.config.latent_channels
         batch_size, shape = self.check_prompted_call(
             guide, prompt, prompt_embeds, (channels, height // self.vae_scale_factor, width // self.vae_scale_factor),
@@ -139,6 +141,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
             "uncond": {"encoder_hidden_states": negative_prompt_embeds},
         }, cross_attention_kwargs, providers=conditions.independent_text_conditions(self, prompt_embeds, generator),
             networks={"reference": self.reference_network(guide, reference_unet)})
+        if distilled:
+            embed_scale(self, branches, embedded, device, prompt_embeds.dtype)
         conditions.add_product_branch(branches, product_prompt, lambda texts: self.encode_prompt(
             texts, device, num_images_per_prompt, False, lora_scale=lora_scale, clip_skip=clip_skip)[0],
             batch_size, num_images_per_prompt)
@@ -160,7 +164,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, InversionMixin, StableD
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             callback_tensors={"prompt_embeds": ("cond", "encoder_hidden_states"),
                               "negative_prompt_embeds": ("uncond", "encoder_hidden_states")},
-            call_attributes={"_clip_skip": clip_skip, "_guidance_rescale": guidance_rescale})
+            call_attributes={"_clip_skip": clip_skip, "_guidance_rescale": guidance_rescale,
+                             **({"_guidance_scale": embedded} if distilled else {})})
         if output_type == "latent":
             image, has_nsfw = latents, None
         else:

@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from . import conditions
 from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .distilled import distilled_guidance, embed_scale, embedded_scale, is_guidance_distilled
 from .inversion import InversionMixin
 
 if TYPE_CHECKING:
@@ -84,8 +85,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         if unsupported:
             raise ValueError(f"{type(self).__name__}: unsupported argument(s) {unsupported} "
                              "(IP-Adapter, denoising_start/end and the deprecated `callback` are not supported)")
-        if self.unet.config.time_cond_proj_dim is not None:
-            raise ValueError("unet: guidance-distilled models (time_cond_proj_dim set, e.g. LCM) take no guidance")
+        distilled = is_guidance_distilled(self.unet)  # the scale is embedded: guidance_scale means that
+        embedded = embedded_scale(guidance_scale, self.default_guidance_scale) if distilled else None
         if start is not None:  # the image decides the size (checked: a multiple of the VAE factor)
             height, width = start.size(self, height, width)
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -96,8 +97,9 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
                           callback_on_step_end_tensor_inputs)
         particle_output = self.check_particle_output(particle_output)
-        guide = self.for_prompts(self.resolve_guidance(guidance, guidance_scale, guidance_rescale),
-                                 negative_prompt, negative_prompt_embeds)
+        guide = distilled_guidance(self, guidance, guidance_rescale) if distilled else \
+            self.resolve_guidance(guidance, guidance_scale, guidance_rescale)
+        guide = self.for_prompts(guide, negative_prompt, negative_prompt_embeds)
         channels = self.unet.config.in_channels if start is None else self.vae.config.latent_channels
         batch_size, shape = self.check_prompted_call(
             guide, prompt, prompt_embeds, (channels, height // self.vae_scale_factor, width // self.vae_scale_factor),
@@ -128,6 +130,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
         if reference is not None:
             branches.networks["reference"] = reference
         dtype = branches.conditions["cond"]["encoder_hidden_states"].dtype
+        if distilled:
+            embed_scale(self, branches, embedded, device, dtype)
 
         latents, nfe_per_image, state = self.denoise(
             branches, guide, shape, dtype=dtype, device=device, generator=generator, latents=latents,
@@ -141,7 +145,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, InversionMixin, Stabl
                               "add_time_ids": ("cond", "time_ids"),
                               "negative_add_time_ids": ("uncond", "time_ids")},
             call_attributes={"_clip_skip": clip_skip, "_guidance_rescale": guidance_rescale, "_denoising_start": None,
-                             "_denoising_end": None})
+                             "_denoising_end": None, **({"_guidance_scale": embedded} if distilled else {})})
         if output_type == "latent":
             image = latents
         else:

@@ -52,7 +52,7 @@ from guidance_engine import strict_json
 
 from . import shapes
 
-__all__ = ["build_tokenizer", "build_models", "build_reference_unet", "main", "plot_losses", "train"]
+__all__ = ["build_tokenizer", "build_models", "build_reference_unet", "images_to_tensor", "main", "plot_losses", "train"]
 
 MODEL_MAX_LENGTH = 16
 TEXT_HIDDEN = 64
@@ -126,7 +126,8 @@ def build_scheduler():
                          steps_offset=1, prediction_type="epsilon")
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) as float tensors (N, 3, H, W) in [-1, 1], the models' input range."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -176,7 +177,7 @@ def train(args: argparse.Namespace) -> Path:
 
     t0 = time.time()
     images, captions, _ = shapes.make_dataset(args.n_train, args.seed)
-    x_all = _to_tensor(images)
+    x_all = images_to_tensor(images)
     ids_all = tokenizer(captions, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
                         return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True,
