@@ -117,8 +117,8 @@ def test_nag_makes_the_negative_prompt_act(sd_distilled):
 
 
 def test_a_method_keeps_its_own_scale_and_the_embedded_one(sd_distilled):
-    """On a distilled UNet ``guidance_scale`` is embedded, never a method's scale; CFG on top at
-    its own scale u + s (c - u), both branches with the embedded scale (checked by hand)."""
+    """On a distilled UNet ``guidance_scale`` is embedded, never a method's scale: CFG on top runs
+    at its own scale (two branches a step) and differs from the embedded-only call."""
     _, guided = sd_distilled
     method = guided(PROMPT, num_inference_steps=STEPS, generator=seeded(0), output_type="latent",
                     guidance={"name": "cfg", "scale": 2.0}, guidance_scale=4.0)
