@@ -444,6 +444,47 @@ def test_sag_records_the_source_rows_only_and_restores_the_processor(sd_pair) ->
     assert _same_processors(before, _processors(guided.unet))
 
 
+def _sag_predictions(method: SAG, seed: int) -> dict:
+    """Random eps predictions of the cond and uncond branches on one input, and the SAG branch with
+    its probe filled as a forward would: a received-attention mass on a 4 x 4 grid and a network
+    for the degraded input (an affine map, so that D(x_hat) depends on x_hat)."""
+    generator = seeded(seed)
+    x = torch.randn((2, 4, 8, 8), generator=generator)
+    alpha = torch.full((2,), 0.8, dtype=torch.float64)
+    sigma = (1 - alpha ** 2).sqrt()
+    cond, uncond = (Prediction(torch.randn(x.shape, generator=generator), x, alpha, sigma, "epsilon")
+                    for _ in range(2))
+    offset = torch.randn(x.shape, generator=generator)
+    branch = method.branch()
+    branch.probe.record(2 * torch.rand((2, 16), generator=generator), (4, 4))
+    branch.probe.evaluate = lambda z: 0.5 * z + offset
+    return {"uncond": uncond, "cond": cond, branch: cond}
+
+
+@pytest.mark.parametrize("scale, phi", [(3.0, 0.7), (1.0, 0.3)])
+def test_sag_rescale_is_lins_rule_on_its_whole_combination(scale, phi) -> None:
+    """In float64, per image: g (phi std(c) / std(g) + 1 - phi), g SAG's unrescaled rule (CFG and
+    the degraded-input term); rescale 0 is that rule bit for bit."""
+    plain, rescaled = SAG(scale=scale, sag_scale=0.75), SAG(scale=scale, sag_scale=0.75, rescale=phi)
+    preds = _sag_predictions(plain, 4)
+    step = StepInfo(index=1, num_steps=STEPS, sigma=0.75, sigma_next=0.5, timestep=500.0)
+    g = plain.combine(preds, step, None).denoise.output
+    assert torch.equal(g, plain.combine_terms(preds, step, None).denoise.output)
+    got = rescaled.combine(_sag_predictions(rescaled, 4), step, None).denoise.output  # the same tensors, seeded
+    c, g64 = preds["cond"].output.double(), g.double()
+    want = torch.stack([g64[i] * (phi * c[i].std() / g64[i].std() + 1 - phi) for i in range(len(g64))])
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, g, atol=1e-3)  # the rescale acts
+
+
+def test_sag_rescale_runs_through_the_pipeline(sd_pair) -> None:
+    _, guided = sd_pair
+    plain = _latents(guided, SAG(scale=5.0))
+    rescaled = _latents(guided, SAG(scale=5.0, rescale=0.7))
+    assert rescaled.nfe == plain.nfe == 3 * STEPS and torch.isfinite(rescaled.images).all()
+    assert not torch.allclose(rescaled.images, plain.images, atol=1e-4)
+
+
 def _family(name: str):
     """(guided pipeline, a weaker reference network of the same family, a generating call, the
     conditioning keyword both networks must see) for SDXL, SD3 and DiT on tiny models."""

@@ -37,7 +37,7 @@ video (the same for one video; STG's own runs are one video each); STG multiplie
 ``phi r + 1 - phi``, here ``phi (g r) + (1 - phi) g`` as diffusers (equal up to float rounding);
 STG and diffusers rescale only with CFG on (s > 1), here also PAG / SEG / SLG / TPG alone (s = 1),
 towards c alike; a sample whose guided output is constant is left as it is (:func:`.cfg.rescale`;
-theirs divide by 0). SAG, which combines its own way, refuses ``rescale``.
+theirs divide by 0). SAG rescales its own combination (CFG plus its degraded-input term) the same way.
 """
 
 from __future__ import annotations
@@ -138,10 +138,6 @@ class PerturbedGuidance(Guidance):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "layers", normalize_layers(self.layers, self.name))
-        if self.rescale != 0 and type(self).combine is not PerturbedGuidance.combine:
-            # a subclass combining its own way (SAG) does not pass through the rescale below
-            raise ValueError(f"{self.name}: parameter 'rescale' must be 0 ({self.name} combines its predictions its "
-                             f"own way and has no rescale), got {self.rescale!r}")
         if self.base is None:
             return
         base = self.base if isinstance(self.base, Guidance) else resolve_guidance(self.base)

@@ -16,7 +16,9 @@ Equal to ``StableDiffusionSAGPipeline`` on a tiny model (tests; it records its m
 classic attention, ours the model's own processor, so they agree to float rounding). The
 difference ``b - D(x_hat)`` is taken on raw eps outputs for eps models (as diffusers); for v or
 flow models in eps space (inputs differ, so raw v or flow differences would not be eps ones).
-The base class interval and schedule apply to the SAG term; CFG runs at every step.
+The base class interval and schedule apply to the SAG term; CFG runs at every step. ``rescale``
+(the base class's Lin et al. std rescale towards c, STG's rescaling) acts on the whole guided output,
+CFG and SAG terms together, on the raw network output as for the other perturbation methods.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class SAG(PerturbedGuidance):
             names.insert(0, self.source_branch)
         return tuple(names)
 
-    def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
+    def combine_terms(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
+        """``[u + s (c - u)] + w (b - D(x_hat))`` (before the base class's ``rescale``)."""
         cond, uncond = preds["cond"], preds.get("uncond") if self.scale != 1 else None
         guided = cond if uncond is None else cond.with_output(
             perturbed_guidance(cond.output, uncond.output, None, self.scale, 0.0))
