@@ -28,6 +28,8 @@ from . import conditions
 
 #: The embedded scale's accepted range (the same as CFG's ``scale``).
 EMBEDDED_SCALE_RANGE = (0.0, 100.0)
+#: The embedded scale when the call gives none (the stock SD / SDXL ``__call__`` default).
+DEFAULT_EMBEDDED_SCALE = 7.5
 
 
 def is_guidance_distilled(unet: Any) -> bool:

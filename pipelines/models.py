@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .shipped import default_dit_model_path, default_model_path  # noqa: F401 (their home is shipped.py)
+from .shipped import (default_dit_model_path, default_distilled_model_path,  # noqa: F401 (their home is shipped.py)
+                      default_model_path)
 
 
 def model_class_name(model: str | os.PathLike) -> str:
@@ -86,6 +87,8 @@ def pipeline_class_for(model: str | os.PathLike):
 DIT_SHORTHAND = "dit"
 #: ``model`` shorthand for the shipped text-to-video model (a folder of that name wins).
 VIDEO_SHORTHAND = "video"
+#: ``model`` shorthand for the shipped guidance-distilled model (a folder of that name wins).
+DISTILLED_SHORTHAND = "distilled"
 _SHIPPED_VIDEO = Path(__file__).resolve().parent / "default_model_video"
 
 
@@ -99,14 +102,16 @@ def default_video_model_path() -> Path:
 
 def resolve_model(model: str | os.PathLike | None) -> str | os.PathLike:
     """The checkpoint ``model`` names: None is the default text-to-image model, ``"dit"`` the
-    shipped class-conditional one, ``"video"`` the shipped text-to-video one (unless a folder of
-    that name exists), anything else as given."""
+    shipped class-conditional one, ``"video"`` the shipped text-to-video one, ``"distilled"`` the
+    shipped guidance-distilled one (each unless a folder of that name exists), anything else as given."""
     if model is None:
         return default_model_path()
     if str(model) == DIT_SHORTHAND and not Path(model).exists():
         return default_dit_model_path()
     if str(model) == VIDEO_SHORTHAND and not Path(model).exists():
         return default_video_model_path()
+    if str(model) == DISTILLED_SHORTHAND and not Path(model).exists():
+        return default_distilled_model_path()
     return model
 
 
@@ -126,6 +131,16 @@ def is_video_model(model: str | os.PathLike | None) -> bool:
     path = Path(resolve_model(model))
     try:
         return path.is_dir() and model_class_name(path) in VIDEO_PIPELINES  # read alone: no model stack imported
+    except json.JSONDecodeError:  # not a readable checkpoint: the image commands' checks say why
+        return False
+
+
+def is_distilled_model(model: str | os.PathLike | None) -> bool:
+    """Whether ``model`` (as :func:`resolve_model` reads it) is a local guidance-distilled checkpoint:
+    its UNet's config sets ``time_cond_proj_dim`` (the embedded guidance scale), read as JSON alone."""
+    config = Path(resolve_model(model)) / "unet" / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("time_cond_proj_dim") is not None
     except json.JSONDecodeError:  # not a readable checkpoint: the image commands' checks say why
         return False
 

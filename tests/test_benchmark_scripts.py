@@ -85,3 +85,19 @@ def test_cli_start_quick_run_reports_every_phase_and_the_target() -> None:
     assert summary["target_met"] == (summary["generate_s"] < summary["target_s"])
     assert len(summary["load_average_before"]) == len(summary["load_average_after"]) == 3
     assert summary["omp_num_threads"] == "1"  # the caller's environment reaches the timed processes
+
+
+def test_nag_benchmark_runs_on_the_distilled_model() -> None:
+    """benchmarks/nag.py on the shipped distilled model (one seed, two steps): its rows, paired with
+    the stock call, their NFE (one forward a step) and frequencies as shares."""
+    done = run_script("benchmarks/nag.py", "--model", "distilled", "--cases", "size", "--seeds", "1", "--steps",
+                      "2", "--repeats", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    assert summary["benchmark"] == "nag" and summary["distilled"] is True and summary["cases"] == "size"
+    rows = summary["rows"]
+    stock, nag, control = rows
+    assert rows[nag]["vs"]["row"] == rows[control]["vs"]["row"] == stock and "vs" not in rows[stock]
+    for row in rows.values():
+        assert row["nfe_per_image"] == 2 and 0 <= row["negative_frequency"] <= 1 and 0 <= row["alignment"] <= 1
+    assert len(summary["prompts"]) == 3 and all(len(case) == 3 for case in summary["prompts"])

@@ -106,3 +106,27 @@ def test_generate_class_conditional_refuses_text_options(tmp_path, capsys) -> No
     assert main(["eval", "--model", "dit"]) == 2
     assert "--model: eval scores text-to-image models" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_console_script_exits_with_mains_code_after_the_exit_handlers(tmp_path) -> None:
+    """``run`` (the installed ``guidance-engine``) skips the interpreter's teardown, not what a
+    normal exit does first: an atexit handler runs, buffered output arrives whole, the code is main's."""
+    import subprocess
+    import sys
+
+    from guidance_engine.pipelines.apps.cli import methods_listing
+
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, pathlib, sys\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+              "from guidance_engine.pipelines.apps.cli import run\n"
+              "sys.argv = ['guidance-engine', *sys.argv[1:]]\n"
+              "run()\n")
+    listed = subprocess.run([sys.executable, "-c", script, "methods"], capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and listed.stdout == methods_listing() + "\n"
+    assert marker.read_text() == "yes"
+    marker.unlink()
+    refused = subprocess.run([sys.executable, "-c", script, "generate", "a red circle", "--steps", "0"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "guidance-engine: error: --steps" in refused.stderr
+    assert marker.read_text() == "yes"

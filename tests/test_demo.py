@@ -243,6 +243,10 @@ def test_methods_and_ranges():
     specs = {spec["name"]: spec for spec in demo_app.scale_sliders_spec()}
     for name in ("cfg", "cfgpp", "apg", "ag", "cfg_zero_star", "icg", "tsg"):
         assert name in demo_app.METHODS
+    # every registered method (NAG, the anti-burn tools, Rectified-CFG++, ...) but the one that needs a
+    # per-model calibration directory
+    from guidance_engine.registry import method_names
+    assert sorted(demo_app.METHODS) == sorted(set(method_names()) - {"linear_ag"})
     assert (specs["cfgpp"]["low"], specs["cfgpp"]["high"], specs["cfgpp"]["default"]) == (0.0, 1.0, 0.6)
     assert (specs["cfg"]["low"], specs["cfg"]["high"]) == (0.0, 100.0)
 

@@ -190,6 +190,8 @@ def test_a_lora_loads_into_ltx_and_its_settings_rebuild_the_clip(models, ltx_lor
                                                 "flow-matching scheduler sets its own levels; got 'trailing'"),
     ("hunyuan_video15", ("--ays",), "--ays: video models do not take it; AYS timesteps exist for SD 1.x/2.x and "
                                     "SDXL only; got True"),
+    ("ltx", ("--guidance-scale", "3"), "--guidance-scale: video models do not take it; it is the embedded scale of "
+                                       "guidance-distilled image models; --scale sets the method's; got 3.0"),
     ("hunyuan_video15", ("--lora", "x.safetensors"), "--lora: no such file or directory 'x.safetensors'"),
     ("ltx", ("--num-frames", "7"), "--num-frames: LTX-Video's VAE takes 4 k + 1 frames (1, 5, 9, ..., at most 1025), "
                                    "got 7"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 
 # transformers warns at import that torchvision is missing (it falls back to PIL, which is all a
@@ -35,8 +36,9 @@ from .cli_checks import (check_device, check_eta, check_int, check_model_directo
                          check_outputs, check_run_settings, check_seeds, check_size, check_steps)
 from .cli_image import add_image_parsers  # noqa: E402
 from .demo_cli import add_demo_parser  # noqa: E402
+from ..distilled import DEFAULT_EMBEDDED_SCALE, EMBEDDED_SCALE_RANGE  # noqa: E402
 from ..messages import PromptTruncatedWarning  # noqa: E402
-from ..models import (DIT_SHORTHAND, generate_from_prompts, is_class_conditional, is_single_file,  # noqa: E402
+from ..models import (DISTILLED_SHORTHAND, DIT_SHORTHAND, generate_from_prompts, is_class_conditional, is_single_file,  # noqa: E402
                       refuse_text_options)
 
 
@@ -54,7 +56,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = cli_common.parse_params(args.param)
     if args.scale is not None:
         params["scale"] = args.scale
-    guidance = resolve_guidance(args.method, **params)  # validates before the model loads
+    embedded = check_guidance_scale(args.guidance_scale, args.model)
+    if embedded is not None and args.method is None and "scale" not in params:
+        params["scale"] = 1.0  # the stock call of a distilled model: the prompt's rows alone, one forward a step
+    guidance = resolve_guidance(args.method or "cfg", **params)  # validates before the model loads
     check_int("--num-images", args.num_images, 1, 1024)
     check_seeds("--seed", args.seed, args.num_images)
     check_size("--height", args.height)
@@ -90,7 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = generate_from_prompts(pipe, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                                 width=args.width, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
                                 guidance=guidance, sampler=args.sampler, generator=generators, eta=args.eta,
-                                **({"timesteps": timesteps} if timesteps is not None else {}))
+                                **({"timesteps": timesteps} if timesteps is not None else {}),
+                                **({"guidance_scale": embedded} if embedded is not None else {}))
     seconds = time.perf_counter() - start
     from guidance_engine.samplers.loop import resolve_sampler  # after the checks: it imports diffusers
 
@@ -98,14 +104,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, (image, path) in enumerate(zip(out.images, paths)):
         meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "guidance": guidance.to_dict(),
                 "sampler": args.sampler or "auto", "steps": args.steps, "seed": args.seed + i,
-                "model": str(args.model or "default"), **options.metadata(), "nfe": out.nfe, "warnings": cut}
+                "model": str(args.model or "default"), **options.metadata(), "nfe": out.nfe, "warnings": cut,
+                **({"guidance_scale": embedded} if embedded is not None else {})}
         text = cli_common.png_parameters(args.prompt, args.negative_prompt, pipe=pipe, guidance=guidance.to_dict(),
                                          sampler=solver, steps=args.steps, seed=args.seed + i, size=image.size,
-                                         model=args.model, options=options)
+                                         model=args.model, options=options, embedded_scale=embedded)
         cli_common.atomic_save_png(image, path, meta, text)
         print(f"wrote {path}")
-    print(f"method {guidance.name}, {out.nfe:g} network evaluations per image, {seconds:.2f} s")
+    embedded_note = f" on the embedded guidance scale {embedded:g}" if embedded is not None else ""
+    print(f"method {guidance.name}{embedded_note}, {out.nfe:g} network evaluations per image, {seconds:.2f} s")
     return 0
+
+
+def check_guidance_scale(value: float | None, model: str | None) -> float | None:
+    """The embedded guidance scale of a run on a guidance-distilled model (``value``, or stock's 7.5),
+    range-checked; None for any other model, which refuses ``--guidance-scale``. JSON reads only."""
+    from ..models import is_distilled_model
+
+    if not is_distilled_model(model):
+        if value is not None:
+            raise ValueError(f"--guidance-scale: only guidance-distilled models (a UNet with time_cond_proj_dim, "
+                             f"e.g. --model distilled) take it, got {value!r} for {model or 'the default model'}; "
+                             "--scale sets a method's scale")
+        return None
+    low, high = EMBEDDED_SCALE_RANGE
+    scale = DEFAULT_EMBEDDED_SCALE if value is None else value
+    if not math.isfinite(scale) or not low <= scale <= high:
+        raise ValueError(f"--guidance-scale: the embedded guidance scale must be in [{low:g}, {high:g}], got {value!r}")
+    return scale
 
 
 def parse_methods(text: str) -> list[dict[str, Any]]:
@@ -266,8 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "e.g. 'red circle' or 0")
     gen.add_argument("-n", "--negative-prompt", default=None,
                      help="what the unconditional branch sees instead of the empty prompt")
-    gen.add_argument("--method", default="cfg", help=f"guidance method: {', '.join(method_names())}")
+    gen.add_argument("--method", default=None, help=f"guidance method: {', '.join(method_names())} (default: cfg; "
+                     "on a guidance-distilled model cfg at scale 1, the stock call: its guidance is embedded)")
     gen.add_argument("--scale", type=float, default=None, help="the method's scale (default: its paper's)")
+    gen.add_argument("--guidance-scale", type=float, default=None,
+                     help=f"guidance-distilled models (--model {DISTILLED_SHORTHAND}): the guidance scale the UNet "
+                     f"embeds, in [0, 100] (default {DEFAULT_EMBEDDED_SCALE:g}, stock's); a method runs on top at its "
+                     "own --scale (e.g. --method nag: one forward per step, and the negative prompt acts)")
     gen.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                      help="another method parameter, repeatable (see 'guidance-engine methods')")
     gen.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
@@ -366,5 +397,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def run() -> None:
+    """The console script: :func:`main`, then an exit that skips the interpreter's teardown.
+
+    After a command the process holds torch, diffusers and transformers; tearing their modules and
+    objects down at exit took about 2 s of a default-model ``generate`` (benchmarks/cli_start.py,
+    docs/benchmarks.md), longer than the sampling. Every output is already complete (written to a
+    temporary name and renamed), so the exit runs the atexit handlers as a normal exit would
+    (logging's flush and close among them), flushes the standard streams and leaves without the
+    module teardown.
+    """
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own hook for it)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or a stream closed by main
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

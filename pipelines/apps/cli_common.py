@@ -175,11 +175,12 @@ class ModelOptions:
 def add_model_options(parser, *, ays: bool, model_help: str | None = None) -> None:
     """Add --model, --config, --lora, --scheduler, --karras, --timestep-spacing (and --ays when
     the command passes timesteps to its pipeline) to ``parser``."""
-    from ..models import DIT_SHORTHAND
+    from ..models import DISTILLED_SHORTHAND, DIT_SHORTHAND
 
     parser.add_argument("--model", default=None, help=model_help or (
         "diffusers model directory, or a single-file checkpoint (.safetensors, .ckpt: see --config) "
-        f"(default: the shipped model; '{DIT_SHORTHAND}': the shipped class-conditional model)"))
+        f"(default: the shipped model; '{DIT_SHORTHAND}': the shipped class-conditional model; "
+        f"'{DISTILLED_SHORTHAND}': the shipped guidance-distilled one)"))
     parser.add_argument("--config", default=None, metavar="DIR",
                         help="a single file's configs: a diffusers model directory of its architecture (its JSON and "
                              "tokenizer files suffice; default: the shipped model's when the file fits it, else the "
@@ -338,9 +339,11 @@ def sampler_label(sampler: str, scheduler) -> str:
 
 def png_parameters(prompt: str, negative_prompt: str | None, *, pipe, guidance: Mapping[str, Any], sampler: str,
                    steps: int, seed: int | None, size: tuple[int, int], model: str | None,
-                   options: ModelOptions | None = None, strength: float | None = None) -> str:
+                   options: ModelOptions | None = None, strength: float | None = None,
+                   embedded_scale: float | None = None) -> str:
     """The A1111 ``parameters`` text of an image (see the module docstring): ``sampler`` is the
-    resolved solver (``resolve_sampler``), ``guidance`` the method's config, ``size`` (W, H)."""
+    resolved solver (``resolve_sampler``), ``guidance`` the method's config, ``size`` (W, H),
+    ``embedded_scale`` a guidance-distilled model's embedded scale (Forge's "Distilled CFG Scale")."""
     options = options or ModelOptions(model, None, None)
     scheduler = pipe.scheduler
     schedule = "Align Your Steps" if options.timesteps else "Karras" if scheduler.config.get("use_karras_sigmas") \
@@ -349,6 +352,7 @@ def png_parameters(prompt: str, negative_prompt: str | None, *, pipe, guidance: 
     params = {"Steps": len(options.timesteps) if options.timesteps else steps,
               "Sampler": sampler_label(sampler, scheduler), "Schedule type": schedule,
               "CFG scale": scale if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None,
+              "Distilled CFG Scale": embedded_scale,
               "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": _model_name(model),
               "Denoising strength": strength, "Solver": sampler, "Scheduler": options.scheduler,
               "Timestep spacing": options.timestep_spacing,

@@ -15,7 +15,7 @@ stock pipeline's check). Defaults: the stock pipeline's (Wan 480 x 832, 81 frame
 ``target_size``, 480 x 848 at 640), the shipped model's native 32 x 32, 9 frames.
 
 Options of the image command that a video model does not take (``--config``, ``--scheduler``,
-``--karras``, ``--timestep-spacing``, ``--ays``) are refused before any model loads
+``--karras``, ``--timestep-spacing``, ``--ays``, ``--guidance-scale``) are refused before any model loads
 (:func:`refuse_image_options`); ``--lora`` loads LoRAs into the pipelines that have a LoRA loader
 (Wan, LTX-Video; HunyuanVideo 1.5 has none and refuses it), and the settings file records them.
 LTX-Video's ``frame_rate`` (the rate its rotary positions assume) stays the stock 25 whatever
@@ -405,6 +405,8 @@ _IMAGE_OPTIONS = (
     ("--karras", "karras", False, "Karras sigmas are for DDPM-trained schedulers; theirs is a flow-matching one"),
     ("--timestep-spacing", "timestep_spacing", None, "their flow-matching scheduler sets its own levels"),
     ("--ays", "ays", False, "AYS timesteps exist for SD 1.x/2.x and SDXL only"),
+    ("--guidance-scale", "guidance_scale", None, "it is the embedded scale of guidance-distilled image models; "
+                                                 "--scale sets the method's"),
 )
 
 
@@ -430,7 +432,7 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     params = cli_common.parse_params(args.param)
     if args.scale is not None:
         params["scale"] = args.scale
-    guidance = resolve_guidance(args.method, **params)  # validates before the model loads
+    guidance = resolve_guidance(args.method or "cfg", **params)  # validates before the model loads
     check_int("--num-images", args.num_images, 1, 1024)
     check_seeds("--seed", args.seed, args.num_images)
     check_int("--fps", args.fps, 1, 100)

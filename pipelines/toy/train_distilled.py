@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import time
@@ -173,6 +174,7 @@ def train(args: argparse.Namespace) -> Path:
         requires_safety_checker=False)
     tmp = out.with_name(out.name + ".partial")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    drop_local_paths(tmp)
     last = state["losses"][-100:]
     info = {"teacher": str(args.teacher or "default model"), "seed": args.seed, "n_train": args.n_train,
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema, "max_scale": args.max_scale,
@@ -186,6 +188,15 @@ def train(args: argparse.Namespace) -> Path:
     os.replace(tmp, out)
     print(f"saved {out}; {info}")
     return out
+
+
+def drop_local_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` (the teacher's folder on the training machine, which the student's
+    VAE and UNet configs inherit) from every component config of a saved pipeline."""
+    for config in folder.glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
