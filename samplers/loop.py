@@ -359,17 +359,20 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
                     # Inpainting by replacement: outside the mask the image itself, at the next level.
                     x = image.mask * x + (1 - image.mask) * run.noised(image.latents, noise, i + 1)
                 first_bad = _note_nonfinite(first_bad, x, step_ids[i])
-                denoised = guided.denoise.x0
+                # the guided x0 is computed where it is read (a callback, kept particles, the
+                # result): most steps of most runs never read it
+                denoised = guided.denoise
             # After the step a method may reweight and resample its particles (FKC): every
             # per-sample quantity follows the kept rows.
                 keep = guidance.after_step(x, preds, guided, step, state)
                 if keep is not None:
-                    x, denoised, nfe = x[keep], denoised[keep], nfe[keep.cpu()]
+                    x, denoised, nfe = x[keep], denoised.x0[keep], nfe[keep.cpu()]
                     if image is not None:
                         image, noise = image.rows(keep), noise[keep]
                     state = guidance.select_state(state, keep)
                     run.select(keep)
                 if callback is not None:
+                    denoised = _x0(denoised)
                     replaced = callback(StepRecord(i, n, t, step.sigma, step.sigma_next, x, denoised,
                                                    float(nfe.float().mean()), first))
                     if replaced is not None:
@@ -383,8 +386,13 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
     cause = _nonfinite_error(first_bad, run, n, guidance, sampler)
     if cause is not None:
         raise cause
-    return SampleResult(x=x, denoised=denoised, nfe=float(nfe.float().mean()), nfe_per_sample=nfe.tolist(),
+    return SampleResult(x=x, denoised=_x0(denoised), nfe=float(nfe.float().mean()), nfe_per_sample=nfe.tolist(),
                         state=state)
+
+
+def _x0(denoised: Prediction | torch.Tensor) -> torch.Tensor:
+    """The denoised estimate: a step's guided prediction's x0, or the tensor already computed."""
+    return denoised.x0 if isinstance(denoised, Prediction) else denoised
 
 
 def _level_tensors(levels: Sequence[tuple[float, float]], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
