@@ -391,7 +391,8 @@ class RunGuidance:
         self.method = method  # in force for the coming steps
         self.values = values  # the call's per-call attributes
         self.state: Any = None
-        self.nfe: torch.Tensor | None = None
+        self._row_nfe: torch.Tensor | None = None  # evaluations of some rows, per sample
+        self._all_nfe = 0  # evaluations of every row: a Python count, no tensor op per step
 
     def __getattr__(self, name: str) -> Any:  # renoise_split, check_steps, combine, after_step, ...
         method = self.__dict__.get("method")
@@ -404,8 +405,14 @@ class RunGuidance:
         """The call's method (error messages name what the user asked for)."""
         return self.call_method.name
 
+    @property
+    def nfe(self) -> torch.Tensor:
+        """Each sample's network evaluations so far."""
+        return self._row_nfe + self._all_nfe
+
     def init_state(self, batch_size: int, device: torch.device) -> Any:
-        self.nfe = torch.zeros(batch_size, dtype=torch.long, device=device)  # on the rows' device: no sync
+        self._row_nfe = torch.zeros(batch_size, dtype=torch.long, device=device)  # on the rows' device: no sync
+        self._all_nfe = 0
         self.state = self.method.init_state(batch_size, device)
         return self.state
 
@@ -413,11 +420,14 @@ class RunGuidance:
         self.values.setdefault("_num_timesteps", step.num_steps - step.index)  # set at the first step taken
         requests = self.method.branches(step, state)
         for _, rows in normalize_requests(requests):
-            self.nfe[slice(None) if rows is None else rows] += 1
+            if rows is None:
+                self._all_nfe += 1
+            else:
+                self._row_nfe[rows] += 1
         return requests
 
     def select_state(self, state: Any, keep: torch.Tensor) -> Any:
-        self.nfe = self.nfe[keep]
+        self._row_nfe, self._all_nfe = self.nfe[keep], 0
         self.state = self.method.select_state(state, keep)
         return self.state
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from guidance_engine.guidance import Guidance, StepInfo
 from guidance_engine.prediction import PREDICTION_TYPES
 
-from .loop import BranchModel, NonFiniteLatentsError, evaluate_branches
+from .loop import BranchModel, NfeCounter, NonFiniteLatentsError, evaluate_branches
 from .schedule import check_num_steps, fresh_scheduler, is_flow_scheduler, schedule_from_scheduler
 
 
@@ -76,7 +76,7 @@ def invert(model: BranchModel, clean: torch.Tensor, guidance: Guidance, *, sched
     schedule = schedule_from_scheduler(source, num_steps, clean.device)
     n = schedule.num_steps
     state = guidance.init_state(clean.shape[0], clean.device)
-    nfe = torch.zeros(clean.shape[0], dtype=torch.long)
+    nfe = NfeCounter(clean.shape[0])
     z = clean
     bar_options = dict(progress) if isinstance(progress, Mapping) else {"disable": not progress}
     for i in tqdm(reversed(range(n)), total=n, desc="inversion", **bar_options):
@@ -93,4 +93,4 @@ def invert(model: BranchModel, clean: torch.Tensor, guidance: Guidance, *, sched
         if not bool(torch.isfinite(z).all()):
             raise NonFiniteLatentsError(f"latents became NaN/inf at inversion step {n - i} of {n} with method "
                                         f"{guidance.name!r}; try a lower scale")
-    return InversionResult(latents=z / schedule.init_scale, nfe=float(nfe.float().mean()), num_steps=n)
+    return InversionResult(latents=z / schedule.init_scale, nfe=nfe.mean(), num_steps=n)

@@ -214,26 +214,51 @@ def _stochastic(sampler: str, eta: float | None, scheduler) -> bool:
             or str(scheduler.config.get("algorithm_type", "")).startswith("sde"))
 
 
-def _note_nonfinite(first_bad: torch.Tensor, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``first_bad`` (the first step whose latents were not finite, -1 while none) updated with
-    the latents ``x`` of ``step`` (a 0-d tensor), on the device: no host read per step."""
-    return torch.where((first_bad < 0) & ~torch.isfinite(x).all(), step, first_bad)
-
-
-def _nonfinite_error(first_bad: torch.Tensor, run, n: int, guidance: Guidance, sampler: str
+def _nonfinite_error(finite: list[torch.Tensor], first: int, run, n: int, guidance: Guidance, sampler: str
                      ) -> NonFiniteLatentsError | None:
-    """The error naming the first step whose latents became NaN/inf (one host read), or None."""
-    i = int(first_bad)
-    if i < 0:
+    """The error naming the first step whose latents became NaN/inf, or None. ``finite``: per
+    step from ``first`` on, a 0-d bool on the device (all latents finite after it); read here,
+    once."""
+    if not finite:
         return None
+    flags = torch.stack(finite)
+    if bool(flags.all()):
+        return None
+    i = first + int(torch.argmin(flags.to(torch.uint8)))  # the first False
     return NonFiniteLatentsError(
         f"latents became NaN/inf at step {i + 1} of {n} (sigma {run.ratio(i):.4g}) with method "
         f"{guidance.name!r} and sampler {sampler!r}; try a lower scale or float32")
 
 
+class NfeCounter:
+    """Each sample's network evaluations in a run: an evaluation of every row is a Python count
+    (no tensor operation per step), one of some rows adds to a per-sample tensor on the CPU."""
+
+    def __init__(self, batch_size: int) -> None:
+        self._rows = torch.zeros(batch_size, dtype=torch.long)
+        self._all = 0
+
+    def add(self, rows: torch.Tensor | None) -> None:
+        """One evaluation of ``rows`` (None: every row)."""
+        if rows is None:
+            self._all += 1
+        else:
+            self._rows[rows.cpu()] += 1
+
+    def per_sample(self) -> torch.Tensor:
+        return self._rows + self._all
+
+    def mean(self) -> float:
+        return float(self.per_sample().float().mean())
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the counts of the samples ``keep`` (particle resampling)."""
+        self._rows, self._all = self.per_sample()[keep.cpu()], 0
+
+
 def evaluate_branches(model: BranchModel, guidance: Guidance, step: StepInfo, state: Any, x_in: torch.Tensor,
                       timestep: torch.Tensor, alpha: float | torch.Tensor, sigma: float | torch.Tensor,
-                      prediction_type: str, nfe: torch.Tensor) -> dict[str, Prediction]:
+                      prediction_type: str, nfe: NfeCounter) -> dict[str, Prediction]:
     """The branches the method asks for at ``step``, in one call of ``model``, as Predictions
     (each on its rows of ``x_in``, at the level (alpha, sigma): floats, or float64 0-d tensors
     made once per run); counts the NFEs per sample."""
@@ -243,7 +268,7 @@ def evaluate_branches(model: BranchModel, guidance: Guidance, step: StepInfo, st
     s = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=torch.float64, device=x_in.device)
     preds = {}
     for branch, rows in requests:
-        nfe[slice(None) if rows is None else rows.cpu()] += 1
+        nfe.add(rows)
         preds[branch] = Prediction(outputs[branch], x_in if rows is None else x_in[rows], a, s, prediction_type)
     return preds
 
@@ -257,7 +282,7 @@ class StepEvaluator:
 
     model: BranchModel
     prediction_type: str
-    nfe: torch.Tensor
+    nfe: NfeCounter
     timestep: torch.Tensor
     alpha: torch.Tensor
     sigma: torch.Tensor
@@ -276,7 +301,7 @@ class StepEvaluator:
         outputs = self.model(x, t, requests)
         preds = {}
         for branch, rows in requests:
-            self.nfe[slice(None) if rows is None else rows.cpu()] += 1
+            self.nfe.add(rows)
             preds[branch] = Prediction(outputs[branch], x if rows is None else x[rows], a, s, self.prediction_type)
         return preds
 
@@ -337,12 +362,11 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
             x = noise * run.init_scale
         else:
             x = run.noised(image.latents, noise, first)
-    nfe = torch.zeros(noise.shape[0], dtype=torch.long)
+    nfe = NfeCounter(noise.shape[0])
     denoised = x
     # NaN/inf latents are noted on the device and read once, after the loop (or when a later
     # step fails on them): a per-step check would be a host sync per step on a GPU.
-    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
-    step_ids = torch.arange(n, device=x.device)
+    finite: list[torch.Tensor] = []
     levels = run.level_tensors(x.device)
     try:
         with tqdm(total=n - first, **bar_options) as bar:
@@ -358,7 +382,7 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
                 if image is not None and image.mask is not None:
                     # Inpainting by replacement: outside the mask the image itself, at the next level.
                     x = image.mask * x + (1 - image.mask) * run.noised(image.latents, noise, i + 1)
-                first_bad = _note_nonfinite(first_bad, x, step_ids[i])
+                finite.append(torch.isfinite(x).all())
                 # the guided x0 is computed where it is read (a callback, kept particles, the
                 # result): most steps of most runs never read it
                 denoised = guided.denoise
@@ -366,7 +390,8 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
             # per-sample quantity follows the kept rows.
                 keep = guidance.after_step(x, preds, guided, step, state)
                 if keep is not None:
-                    x, denoised, nfe = x[keep], denoised.x0[keep], nfe[keep.cpu()]
+                    x, denoised = x[keep], denoised.x0[keep]
+                    nfe.select(keep)
                     if image is not None:
                         image, noise = image.rows(keep), noise[keep]
                     state = guidance.select_state(state, keep)
@@ -374,19 +399,19 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
                 if callback is not None:
                     denoised = _x0(denoised)
                     replaced = callback(StepRecord(i, n, t, step.sigma, step.sigma_next, x, denoised,
-                                                   float(nfe.float().mean()), first))
+                                                   nfe.mean(), first))
                     if replaced is not None:
                         x = replaced
                 bar.update()
     except Exception as error:  # a later step failing on NaN latents: name where they began
-        cause = _nonfinite_error(first_bad, run, n, guidance, sampler)
+        cause = _nonfinite_error(finite, first, run, n, guidance, sampler)
         if cause is not None:
             raise cause from error
         raise
-    cause = _nonfinite_error(first_bad, run, n, guidance, sampler)
+    cause = _nonfinite_error(finite, first, run, n, guidance, sampler)
     if cause is not None:
         raise cause
-    return SampleResult(x=x, denoised=_x0(denoised), nfe=float(nfe.float().mean()), nfe_per_sample=nfe.tolist(),
+    return SampleResult(x=x, denoised=_x0(denoised), nfe=nfe.mean(), nfe_per_sample=nfe.per_sample().tolist(),
                         state=state)
 
 
