@@ -31,7 +31,7 @@ from .context_attention import BoundContext
 from .distilled import is_guidance_distilled
 from .messages import PromptTruncatedWarning
 from .perturbation import resolve_layers
-from .row_plan import RowPlan, active, install_block, install_processor, install_time_hook, original_processor
+from .row_plan import RowPlan, active, current, install_block, install_processor, install_time_hook, original_processor
 from .shuffle import BLOCK_KINDS
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
@@ -171,6 +171,14 @@ class NetworkBranches:
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor,
                  requests: Sequence[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        if self.max_batch_rows is None and all(type(name) is str for name, _ in requests):
+            # plain branches only (no other network, probe or alteration): the one call that the
+            # grouping below would make, without its per-step bookkeeping
+            self._drawn = {}
+            try:
+                return self._evaluate(self.model, x, timestep, requests)
+            finally:
+                self._drawn = None
         groups: dict[str | None, list[tuple[str, torch.Tensor | None]]] = {}
         probed = [(name, rows) for name, rows in requests if getattr(name, "probe", None) is not None]
         for name, rows in requests:  # one call per network, the main network first
@@ -287,6 +295,9 @@ class NetworkBranches:
     def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
         """The alterations of ``spans`` as the row plan of one forward of ``model`` (TSG's time
         noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only."""
+        if not spans and current() is None:  # nothing altered, no plan to hide: as the plain call
+            yield
+            return
         plan = RowPlan(latent_hw=tuple(x_in.shape[-2:]))
         for start, end, branch in spans:
             if branch.probe is not None:

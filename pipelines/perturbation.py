@@ -302,17 +302,19 @@ def take_rows(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
 
 
 def plain_rows(batch: int, segments: Sequence[tuple[int, int, Any]]) -> torch.Tensor | slice | None:
-    """The rows outside every segment: a slice when contiguous, an index, or None when none."""
-    taken = torch.zeros(batch, dtype=torch.bool)
+    """The rows outside every segment: a slice when contiguous, an index, or None when none.
+    Worked out on Python ints (the segments' bounds), so a compiled forward traces it without a
+    data-dependent op (no ``nonzero``, no ``.item()``)."""
+    taken = [False] * batch
     for start, end, _ in segments:
-        taken[start:end] = True
-    rows = (~taken).nonzero().flatten()
-    if rows.numel() == 0:
+        for i in range(batch)[start:end]:
+            taken[i] = True
+    rows = [i for i, in_segment in enumerate(taken) if not in_segment]
+    if not rows:
         return None
-    first, last = int(rows[0]), int(rows[-1])
-    if last - first + 1 == rows.numel():
-        return slice(first, last + 1)
-    return rows
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows)
 
 
 def perturbed_rows(original: Callable, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
