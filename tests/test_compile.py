@@ -1,8 +1,8 @@
 """``torch.compile(pipe.unet)`` under the engine (CPU, dynamo with the eager backend: what is
 traced and where it breaks, without a compiler toolchain): CFG compiles into one graph with no
 graph break and gives the uncompiled images bit for bit; PAG's row-aware processors run under it
-and give the same images, their row-plan lookups breaking the graph (counted, documented in
-docs/benchmarks.md)."""
+and give the same images, their row-plan lookups (a ContextVar read, nothing data-dependent) breaking
+the graph (counted, documented in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -26,23 +26,25 @@ def _compiled_run(pipe, guidance):
         images = pipe(PROMPT, guidance=guidance, generator=seeded(0), **CALL).images
     finally:
         pipe.unet = plain
-        breaks = sum(counters["graph_break"].values())
+        reasons = dict(counters["graph_break"])
         graphs = counters["stats"]["unique_graphs"]
         dynamo.reset()
-    return images, breaks, graphs
+    return images, reasons, graphs
 
 
 def test_cfg_compiles_into_one_graph_and_equals_the_uncompiled_run(sd_pair) -> None:
     _, guided = sd_pair
     want = guided(PROMPT, guidance="cfg", generator=seeded(0), **CALL).images
-    got, breaks, graphs = _compiled_run(guided, "cfg")
+    got, reasons, graphs = _compiled_run(guided, "cfg")
     assert torch.equal(got, want)
-    assert breaks == 0 and graphs == 1  # the same graph every step: no break, no recompile
+    assert not reasons and graphs == 1  # the same graph every step: no break, no recompile
 
 
 def test_pag_runs_compiled_with_its_layers_resolved_on_the_wrapped_model(sd_pair) -> None:
     _, guided = sd_pair
     want = guided(PROMPT, guidance="pag", generator=seeded(0), **CALL).images
-    got, breaks, _ = _compiled_run(guided, "pag")
+    got, reasons, _ = _compiled_run(guided, "pag")
     assert torch.equal(got, want)
-    assert breaks > 0  # the row plan's per-forward lookup (a ContextVar) is outside the graph: documented
+    # the row plan's per-forward lookup (a ContextVar) is outside the graph: documented. The
+    # row split itself traces (plain_rows works on Python ints: no nonzero, no .item()).
+    assert reasons and all("ContextVar" in reason for reason in reasons)
