@@ -173,6 +173,7 @@ def main() -> None:
                "median_ratio": round(statistics.median(r["ratio_to_stock"] for r in engine), 4),
                "paths_whose_interval_reaches_1.01": sum(r["ci_low"] <= 1.01 for r in engine),
                "paths": len(engine),
+               "held_paths_meeting_target": sum(r["held_low"] <= 1.01 and r["held_ratio"] <= 1.01 for r in engine),
                "max_held_ratio": round(max(r["held_ratio"] for r in engine), 4),
                "max_held_ci_high": round(max(r["held_high"] for r in engine), 4),
                "max_extra_outside_us_per_step": round(max(r["extra_outside_us_per_step"] for r in engine), 1),

@@ -1,5 +1,6 @@
 """The performance benchmarks run end to end: benchmarks/gpu.py in its CPU smoke mode (and its
-refusals), benchmarks/cli_start.py in a one-run, two-step check. Each runs as a subprocess, as a
+refusals), benchmarks/cli_start.py in a one-run, two-step check, benchmarks/overhead.py in a
+two-repeat, two-step one. Each runs as a subprocess, as a
 user runs it; the checks are on what it prints last (one line of JSON) and on the file it writes."""
 
 from __future__ import annotations
@@ -101,3 +102,23 @@ def test_nag_benchmark_runs_on_the_distilled_model() -> None:
     for row in rows.values():
         assert row["nfe_per_image"] == 2 and 0 <= row["negative_frequency"] <= 1 and 0 <= row["alignment"] <= 1
     assert len(summary["prompts"]) == 3 and all(len(case) == 3 for case in summary["prompts"])
+
+
+def test_overhead_quick_run_pairs_every_path_and_holds_the_network_time_equal() -> None:
+    """benchmarks/overhead.py on the shipped model (2 repeats, 2 steps): every engine path paired
+    with stock, a whole-call and a held-equal ratio each with an interval around its median, and
+    the UNet's forwards timed (the table's UNet column is below the whole call, above zero)."""
+    done = run_script("benchmarks/overhead.py", "--models", "default", "--repeats", "2", "--steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    paths = {f"default/{s}/engine ({v})" for s in ("ddim", "euler", "dpmpp_2m") for v in ("scheduler.step", f"{s} solver")}
+    assert summary["benchmark"] == "overhead" and summary["paths"] == 6
+    assert set(summary["ratios"]) == set(summary["held_ratios"]) == paths
+    for median, low, high in [*summary["ratios"].values(), *summary["held_ratios"].values()]:
+        assert 0 < low <= median <= high
+    assert 0 <= summary["held_paths_meeting_target"] <= 6
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| default")]
+    assert len(rows) == 9
+    for row in rows:
+        whole, network = float(row[3]), float(row[4])
+        assert 0 < network < whole
