@@ -31,7 +31,7 @@ from .context_attention import BoundContext
 from .distilled import is_guidance_distilled
 from .messages import PromptTruncatedWarning
 from .perturbation import resolve_layers
-from .row_plan import RowPlan, active, current, install_block, install_processor, install_time_hook, original_processor
+from .row_plan import PLAN_ARGUMENT, PLAN_KWARG, RowPlan, active, current, install_block, install_processor, install_time_hook, original_processor
 from .shuffle import BLOCK_KINDS
 
 GuidanceSpec = Guidance | str | Mapping[str, Any] | None
@@ -296,7 +296,7 @@ class NetworkBranches:
         """The alterations of ``spans`` as the row plan of one forward of ``model`` (TSG's time
         noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only."""
         if not spans and current() is None:  # nothing altered, no plan to hide: as the plain call
-            yield
+            yield None
             return
         plan = RowPlan(latent_hw=tuple(x_in.shape[-2:]))
         for start, end, branch in spans:
@@ -320,7 +320,7 @@ class NetworkBranches:
             for module in plan.time_modules:
                 install_time_hook(module)
         with active(plan):
-            yield
+            yield plan if plan else None
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
@@ -333,12 +333,23 @@ class NetworkBranches:
         timestep_cond = None
         if self.timestep_cond is not None and getattr(model.config, "time_cond_proj_dim", None) is not None:
             timestep_cond = self.timestep_cond.repeat(x_in.shape[0], 1)  # contiguous rows, as stock's
-        with self.altered(model, x_in, spans):
+        with self.altered(model, x_in, spans) as plan:
             if extra is not None:
                 x_in = torch.cat([x_in, extra], dim=1)
             return model(x_in, timestep, encoder_hidden_states=stacked("encoder_hidden_states"),
                          timestep_cond=timestep_cond, added_cond_kwargs=added,
-                         cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
+                         cross_attention_kwargs=self._attention_kwargs(model, plan), return_dict=False)[0]
+
+    def _attention_kwargs(self, model, plan: RowPlan | None) -> dict[str, Any] | None:
+        """The call's ``cross_attention_kwargs``, with the row plan as an argument of the forward
+        where the model's layers take one: dynamo traces an argument, not the context variable
+        (``torch.compile(pipe.unet)`` with PAG/SEG/SLG/SAG/NAG). A model that never ran a plan
+        gets exactly the call's kwargs, as the stock pipeline passes them."""
+        if plan is not None and not PLAN_ARGUMENT.ready(model):
+            PLAN_ARGUMENT.install(model)
+        if plan is None and not PLAN_ARGUMENT.ready(model):
+            return self.cross_attention_kwargs
+        return {**(self.cross_attention_kwargs or {}), PLAN_KWARG: plan}
 
 
 #: The former name (it holds transformers too).

@@ -36,16 +36,25 @@ from .attention_probe import record_attention
 from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 from .shuffle import shuffling_forward
 
-__all__ = ["PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
+__all__ = ["PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
            "install_block",
            "install_processor", "install_time_hook", "original_processor", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
 
+#: ``row_plan`` not passed to a dispatcher: it reads the context variable
+_UNSET: Any = object()
+#: the keyword under which a caller passes the plan through ``cross_attention_kwargs``
+PLAN_KWARG = "row_plan"
 _PLAN: ContextVar["RowPlan | None"] = ContextVar("guidance_engine_row_plan", default=None)
 _TOKENS: ContextVar[ImageTokens | None] = ContextVar("guidance_engine_image_tokens", default=None)
 _INSTALL = threading.Lock()
+# Plans with TSG's time noise in force, over all threads: while none is, the time-embedding hook
+# returns at once, without reading the context variable (which a compiled forward cannot trace);
+# while one is, each forward's hook reads its own context's plan.
+_TIME_PLANS = 0
+_COUNT = threading.Lock()
 _TIME_HOOKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -78,11 +87,19 @@ def current() -> RowPlan | None:
 @contextlib.contextmanager
 def active(plan: RowPlan) -> Iterator[RowPlan]:
     """``plan`` in force for the forward run inside; reset on exit, whatever happens."""
+    global _TIME_PLANS
     token = _PLAN.set(plan if plan else None)
+    timed = bool(plan.time)
+    if timed:
+        with _COUNT:
+            _TIME_PLANS += 1
     try:
         yield plan
     finally:
         _PLAN.reset(token)
+        if timed:
+            with _COUNT:
+                _TIME_PLANS -= 1
 
 
 @contextlib.contextmanager
@@ -111,8 +128,11 @@ class PlanProcessor:
         except (TypeError, ValueError):
             self.positional = ("encoder_hidden_states", "attention_mask")
 
-    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        plan = _PLAN.get()
+    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = _UNSET,
+                 **kwargs: Any) -> Any:
+        # The plan comes as a forward argument where the caller passes one (the UNet families, so
+        # that a compiled forward traces it), else from the context variable.
+        plan = _PLAN.get() if row_plan is _UNSET else row_plan
         if plan is not None and (attn in plan.probes or attn in plan.attention):
             kwargs = {**dict(zip(self.positional, args)), **kwargs}
             encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
@@ -120,8 +140,10 @@ class PlanProcessor:
             if attn in plan.probes:
                 record_attention(attn, hidden_states, kwargs, plan.probes[attn], plan.latent_hw)
             if attn in plan.attention:
+                # a plan passed as an argument comes from a UNet: no flow transformer's token layout
+                tokens = _TOKENS.get() if row_plan is _UNSET else None
                 return perturbed_rows(self.original, attn, hidden_states, encoder_hidden_states, attention_mask,
-                                      kwargs, plan.attention[attn], plan.latent_hw, _TOKENS.get())
+                                      kwargs, plan.attention[attn], plan.latent_hw, tokens)
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **kwargs)
         return self.original(attn, hidden_states, *args, **kwargs)
@@ -139,9 +161,15 @@ def dispatcher_class(original: Callable) -> type:
             return self.dispatch(attn, hidden_states, *args, **kwargs)
 
         try:
-            __call__.__signature__ = inspect.signature(kind.__call__)
+            signature = inspect.signature(kind.__call__)
         except (TypeError, ValueError):  # a builtin callable: keep the generic signature
             pass
+        else:  # ... plus ``row_plan``, so that diffusers passes it on from cross_attention_kwargs
+            params = list(signature.parameters.values())
+            if PLAN_KWARG not in signature.parameters:
+                at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+                params.insert(at, inspect.Parameter(PLAN_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None))
+            __call__.__signature__ = signature.replace(parameters=params)
         _DISPATCHERS[kind] = type(f"Plan{kind.__name__}", (PlanProcessor,), {"__call__": __call__})
     return _DISPATCHERS[kind]
 
@@ -164,6 +192,39 @@ def install_processor(module: nn.Module) -> None:
             module.processor = dispatcher_class(module.processor)(module.processor)
 
 
+class PlanArgument:
+    """Whether a forward of ``model`` can take the plan as an argument (``cross_attention_kwargs``),
+    which needs a dispatcher on every attention layer: diffusers warns about, and drops, an
+    argument a layer's processor does not take. Installed once, checked per forward (a
+    ``set_attn_processor`` since replaces dispatchers; they are put back before the plan is passed)."""
+
+    def __init__(self) -> None:
+        self._layers: "weakref.WeakKeyDictionary[nn.Module, list[nn.Module]]" = weakref.WeakKeyDictionary()
+
+    def install(self, model: nn.Module) -> None:
+        """A dispatcher on every attention layer of ``model`` (pass-through without a plan)."""
+        model = _unwrapped_module(model)
+        layers = [m for m in model.modules() if callable(getattr(m, "processor", None))]
+        for module in layers:
+            install_processor(module)
+        with _INSTALL:
+            self._layers[model] = layers
+
+    def ready(self, model: nn.Module) -> bool:
+        """Every attention layer of ``model`` still behind a dispatcher."""
+        layers = self._layers.get(_unwrapped_module(model))
+        return layers is not None and all(isinstance(m.processor, PlanProcessor) for m in layers)
+
+
+def _unwrapped_module(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (each compile makes a new wrapper)."""
+    return getattr(model, "_orig_mod", model)
+
+
+#: the models whose forwards take the plan as an argument (the UNet families)
+PLAN_ARGUMENT = PlanArgument()
+
+
 # --------------------------------------------------------------------------- transformer blocks
 class PlanBlockForward:
     """A transformer block's forward behind a dispatcher: the block's own forward unless the
@@ -174,7 +235,8 @@ class PlanBlockForward:
         self.forward = forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        plan = _PLAN.get()
+        passed = (kwargs.get("cross_attention_kwargs") or {}).get(PLAN_KWARG, _UNSET)
+        plan = _PLAN.get() if passed is _UNSET else passed
         if plan is not None and self.block in plan.blocks:
             segments = plan.blocks[self.block]  # one method alters a block one way: skipped or shuffled
             altered = shuffling_forward if segments[0][2].kind == "shuffle" else skipping_forward
@@ -193,6 +255,8 @@ def install_block(block: nn.Module) -> None:
 def _time_noise_hook(module: nn.Module, inputs: Any, emb: torch.Tensor) -> torch.Tensor | None:
     """Add each TSG span's noise (drawn once per forward, scaled by this embedding's std) to its
     rows of the embedding; without a plan for this module the output is left as it is."""
+    if _TIME_PLANS == 0:
+        return None
     plan = _PLAN.get()
     if plan is None or not plan.time or module not in plan.time_modules:
         return None
