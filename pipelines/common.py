@@ -112,6 +112,11 @@ class NetworkBranches:
         # stock pipelines' ``timestep_cond``), the same for every row of every branch; None otherwise.
         self.timestep_cond: torch.Tensor | None = None
         self._drawn: dict[str, dict[str, torch.Tensor]] | None = None  # this step's provider draws
+        # Conditioning stacked over whole branches, by key: (the tensors stacked, their versions,
+        # the stack). Every step of a plain run stacks the same tensors, which the stock pipelines
+        # concatenate once per call; a tensor replaced or written in place (a step-end callback)
+        # is stacked afresh.
+        self._stacks: dict[str, tuple[list[torch.Tensor], list[int], torch.Tensor]] = {}
 
     def _condition(self, name: str) -> dict[str, torch.Tensor]:
         if name in self.conditions:
@@ -261,7 +266,9 @@ class NetworkBranches:
             """Conditioning ``key`` of every branch's rows, in forward order (None if absent)."""
             if key not in parts[0][0]:
                 return None
-            return torch.cat([rows_of(c[key], rows) for c, rows in parts])
+            if any(rows is not None for _, rows in parts):
+                return torch.cat([rows_of(c[key], rows) for c, rows in parts])
+            return self._stacked_whole(key, [c[key] for c, _ in parts])
 
         spans, start = [], 0  # rows that a Branch alters (TSG's time embedding, PAG/SEG/SLG/NAG layers)
         for (name, rows), part in zip(requests, xs):
@@ -275,6 +282,16 @@ class NetworkBranches:
         if all(rows is None for _, rows in parts):
             return dict(zip(names, out.chunk(len(parts))))  # the stock pipelines' split, bit for bit
         return dict(zip(names, out.split([len(part) for part in xs])))
+
+    def _stacked_whole(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``torch.cat(tensors)``, reused while the same tensors, unwritten, are stacked again."""
+        kept = self._stacks.get(key)
+        if kept is not None and len(kept[0]) == len(tensors) and all(
+                a is b and a._version == v for a, b, v in zip(kept[0], tensors, kept[1])):
+            return kept[2]
+        stack = torch.cat(tensors)
+        self._stacks[key] = (tensors, [t._version for t in tensors], stack)
+        return stack
 
     def _bind_context(self, branch, rows: torch.Tensor | None):
         """``branch``, with a second context bound to its rows when its alteration reads one (a

@@ -214,14 +214,14 @@ def _stochastic(sampler: str, eta: float | None, scheduler) -> bool:
             or str(scheduler.config.get("algorithm_type", "")).startswith("sde"))
 
 
-def _nonfinite_error(finite: list[torch.Tensor], first: int, run, n: int, guidance: Guidance, sampler: str
+def _nonfinite_error(sums: list[torch.Tensor], first: int, run, n: int, guidance: Guidance, sampler: str
                      ) -> NonFiniteLatentsError | None:
-    """The error naming the first step whose latents became NaN/inf, or None. ``finite``: per
-    step from ``first`` on, a 0-d bool on the device (all latents finite after it); read here,
-    once."""
-    if not finite:
+    """The error naming the first step whose latents became NaN/inf, or None. ``sums``: per
+    step from ``first`` on, the latents' float64 sum after it, a 0-d tensor on the device (finite
+    exactly when every entry is); read here, once."""
+    if not sums:
         return None
-    flags = torch.stack(finite)
+    flags = torch.isfinite(torch.stack(sums))
     if bool(flags.all()):
         return None
     i = first + int(torch.argmin(flags.to(torch.uint8)))  # the first False
@@ -365,24 +365,26 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
     nfe = NfeCounter(noise.shape[0])
     denoised = x
     # NaN/inf latents are noted on the device and read once, after the loop (or when a later
-    # step fails on them): a per-step check would be a host sync per step on a GPU.
-    finite: list[torch.Tensor] = []
+    # step fails on them): a per-step check would be a host sync per step on a GPU. What is noted
+    # is the latents' sum in float64, one reduction: it is NaN/inf exactly when an entry is (no
+    # sum of float32 or narrower entries overflows float64), where isfinite().all() takes five ops.
+    sums: list[torch.Tensor] = []
     levels = run.level_tensors(x.device)
     try:
         with tqdm(total=n - first, **bar_options) as bar:
             for i in range(first, n):
                 t = run.timesteps[i]
-                x_in = run.model_input(x, i)
+                x_in = run.model_input(x, i, t)
                 step = StepInfo(index=i, num_steps=n, sigma=run.ratio(i), sigma_next=run.ratio_next(i),
                                 timestep=run.timestep_values[i],
                                 evaluate=StepEvaluator(model, prediction_type, nfe, t, *levels[i], run.train_timesteps))
                 preds = evaluate_branches(model, guidance, step, state, x_in, t, *levels[i], prediction_type, nfe)
                 guided = guidance.combine(preds, step, state)
-                x = run.step(x, guided, i)
+                x = run.step(x, guided, i, t)
                 if image is not None and image.mask is not None:
                     # Inpainting by replacement: outside the mask the image itself, at the next level.
                     x = image.mask * x + (1 - image.mask) * run.noised(image.latents, noise, i + 1)
-                finite.append(torch.isfinite(x).all())
+                sums.append(x.sum(dtype=torch.float64))
                 # the guided x0 is computed where it is read (a callback, kept particles, the
                 # result): most steps of most runs never read it
                 denoised = guided.denoise
@@ -404,11 +406,11 @@ def sample(model: BranchModel, noise: torch.Tensor, guidance: Guidance, *, sched
                         x = replaced
                 bar.update()
     except Exception as error:  # a later step failing on NaN latents: name where they began
-        cause = _nonfinite_error(finite, first, run, n, guidance, sampler)
+        cause = _nonfinite_error(sums, first, run, n, guidance, sampler)
         if cause is not None:
             raise cause from error
         raise
-    cause = _nonfinite_error(finite, first, run, n, guidance, sampler)
+    cause = _nonfinite_error(sums, first, run, n, guidance, sampler)
     if cause is not None:
         raise cause
     return SampleResult(x=x, denoised=_x0(denoised), nfe=nfe.mean(), nfe_per_sample=nfe.per_sample().tolist(),
@@ -423,7 +425,7 @@ def _x0(denoised: Prediction | torch.Tensor) -> torch.Tensor:
 def _level_tensors(levels: Sequence[tuple[float, float]], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per step, (alpha_t, sigma_t) as float64 0-d tensors: one transfer per run, then views."""
     table = torch.tensor(levels, dtype=torch.float64, device=device).reshape(-1, 2)
-    return [(row[0], row[1]) for row in table]
+    return [tuple(row.unbind()) for row in table.unbind()]  # views: n + 1 ops per run
 
 
 class _SolverRun:
@@ -471,7 +473,7 @@ class _SolverRun:
         """(alpha_t, sigma_t) of every step as float64 0-d tensors on ``device``, made at once."""
         return _level_tensors([self.schedule.levels(i) for i in range(self.num_steps)], device)
 
-    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def model_input(self, x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         return x
 
     def select(self, keep: torch.Tensor) -> None:
@@ -479,7 +481,7 @@ class _SolverRun:
         if self.history is not None:
             self.history = (self.history[0][keep], self.history[1])
 
-    def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int, t: torch.Tensor) -> torch.Tensor:
         sch = self.schedule
         (a, s), (a_next, s_next) = sch.levels(i), sch.levels_next(i)
         x0, eps = guided.denoise.x0, guided.renoise.eps
@@ -541,9 +543,9 @@ class _SchedulerRun:
         """(alpha_t, sigma_t) of every step as float64 0-d tensors on ``device``, made at once."""
         return _level_tensors(self._levels, device)
 
-    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def model_input(self, x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         if hasattr(self.scheduler, "scale_model_input"):
-            x = self.scheduler.scale_model_input(x, self.timesteps[i])
+            x = self.scheduler.scale_model_input(x, t)
         return x
 
     def select(self, keep: torch.Tensor) -> None:
@@ -552,7 +554,7 @@ class _SchedulerRun:
         if isinstance(outputs, list):
             self.scheduler.model_outputs = [o[keep] if isinstance(o, torch.Tensor) else o for o in outputs]
 
-    def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, guided: GuidedPrediction, i: int, t: torch.Tensor) -> torch.Tensor:
         # resolve_sampler refused split methods on this path before the first model call.
-        return self.scheduler.step(guided.denoise.output, self.timesteps[i], x, **self.kwargs,
+        return self.scheduler.step(guided.denoise.output, t, x, **self.kwargs,
                                    return_dict=False)[0]

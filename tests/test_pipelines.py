@@ -130,6 +130,28 @@ def test_callback_on_step_end_sees_and_replaces_latents_as_in_stock(sd_pair) -> 
     assert torch.equal(got, _latents(stock, **stock_args))
 
 
+def test_a_callback_writing_the_conditioning_changes_the_later_steps(sd_pair) -> None:
+    """The stacked conditioning is reused from step to step only while its tensors stay the same:
+    a callback that replaces ``prompt_embeds``, or writes it in place, steers the later steps,
+    and both ways alike."""
+    _, guided = sd_pair
+
+    def replace(pipe, i, t, kwargs):
+        return {"prompt_embeds": kwargs["prompt_embeds"] * 0.5} if i == 1 else {}
+
+    def write_in_place(pipe, i, t, kwargs):
+        if i == 1:
+            kwargs["prompt_embeds"].mul_(0.5)
+        return {}
+
+    inputs = dict(callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    plain = _latents(guided)
+    replaced = _latents(guided, callback_on_step_end=replace, **inputs)
+    written = _latents(guided, callback_on_step_end=write_in_place, **inputs)
+    assert not torch.equal(replaced, plain)
+    assert torch.equal(written, replaced)
+
+
 def _count_unet_calls(pipe):
     calls = []
     pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))

@@ -103,20 +103,32 @@ def test_euler_ancestral_is_ddim_with_eta_one_on_the_same_levels() -> None:
 
 
 class NaNAtStep(ToyModel):
-    def __init__(self, bad_call: int) -> None:
+    """NaN outputs at call ``bad_call``; with ``entries``, only those entries of row 0 get those
+    values (the rest stay finite)."""
+
+    def __init__(self, bad_call: int, entries: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.bad_call = bad_call
+        self.entries = entries
 
     def __call__(self, x, timestep, requests):
         out = super().__call__(x, timestep, requests)
         if len(self.calls) == self.bad_call:
-            out["cond"] = out["cond"] * float("nan")
+            if self.entries:
+                out["cond"] = out["cond"].clone()
+                out["cond"].view(-1)[:len(self.entries)] = torch.tensor(self.entries)
+            else:
+                out["cond"] = out["cond"] * float("nan")
         return out
 
 
 def test_non_finite_latents_stop_the_run_at_the_failing_step() -> None:
     with pytest.raises(NonFiniteLatentsError, match=r"step 3 of 8 .* method 'apg' and sampler 'ddim'"):
         _run(APG(scale=5.0), DDIMScheduler(**SD_BETAS), "ddim", model=NaNAtStep(bad_call=3))
+    # one entry infinite, or +inf and -inf (whose sum is NaN), the rest finite: still that step
+    for entries in ((float("inf"),), (float("inf"), float("-inf")), (float("nan"),)):
+        with pytest.raises(NonFiniteLatentsError, match=r"step 2 of 8 .* sampler 'euler'"):
+            _run(CFG(scale=3.0), DDIMScheduler(**SD_BETAS), "euler", model=NaNAtStep(bad_call=2, entries=entries))
     with pytest.raises(NonFiniteLatentsError, match="initial latents"):
         sample(ToyModel(), torch.full((1, 4, 2, 2), float("nan")), CFG(), scheduler=DDIMScheduler(**SD_BETAS),
                num_steps=2, prediction_type="epsilon", progress=False)
