@@ -63,3 +63,47 @@ def test_the_engine_adds_no_host_read_per_step_to_the_stock_pipeline(build) -> N
     assert reads_per_step(guided, **call) <= stock_reads
     assert reads_per_step(guided, sampler="euler", **call) == 0  # the core's own solver: none at all
     assert reads_per_step(guided, guidance="apg", **call) <= stock_reads  # a stateful method too
+
+
+class OpsOutside(TorchDispatchMode):
+    """Counts the tensor ops run outside ``network``'s forwards (the sampler's own per-step work)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.count = 0
+        self._depth = 0
+        self._hooks = [network.register_forward_pre_hook(lambda *_: self._enter(1)),
+                       network.register_forward_hook(lambda *_: self._enter(-1))]
+
+    def _enter(self, step: int) -> None:
+        self._depth += step
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += self._depth == 0
+        return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+
+def ops_per_step(pipe, **call) -> float:
+    totals = []
+    for steps in (3, 6):
+        with OpsOutside(pipe.unet) as ops:
+            pipe(PROMPT, num_inference_steps=steps, generator=seeded(0), output_type="latent", **call)
+        totals.append(ops.count)
+    return (totals[1] - totals[0]) / 3
+
+
+def test_the_engine_adds_at_most_three_tensor_ops_per_step_to_the_stock_pipeline() -> None:
+    """Beside the stock DDIM CFG loop's ops outside the UNet (40 per step: the scheduler's, CFG's
+    three, the latents' concatenation and split), the engine's path through ``scheduler.step``
+    adds the NaN/inf note (one sum) and its level views; its own DDIM solver runs fewer in all.
+    Each op is a kernel launch on a GPU and microseconds of dispatch on a CPU."""
+    stock, guided, _ = _sd()
+    stock_ops = ops_per_step(stock)
+    assert stock_ops > 20  # the count sees the scheduler's ops
+    assert ops_per_step(guided) <= stock_ops + 3
+    assert ops_per_step(guided, sampler="ddim") < stock_ops
