@@ -287,9 +287,10 @@ class Guidance:
             if bounds is not None:
                 self._check_scheduled_range(name, neutral, bounds, metadata.get(name, {}))
 
-    def _shapes(self, name: str) -> bool:
-        """Whether the schedule shapes parameter ``name`` (one-parameter schedules: only theirs)."""
-        shape = self.shape
+    def _shapes(self, name: str, shape: Schedule | None = None) -> bool:
+        """Whether the schedule (``shape``, if already resolved) shapes parameter ``name``
+        (one-parameter schedules: only theirs)."""
+        shape = self.shape if shape is None else shape
         if not getattr(shape, "targets_one", False):
             return True
         return name == (shape.parameter or self.schedule_targets()[0][0])
@@ -384,10 +385,12 @@ class Guidance:
         if not self.active(step):
             return neutral
         value = getattr(self, name)
-        meta = self.__dataclass_fields__["schedule"].metadata
-        if not meta.get("schedule") or not self._shapes(name):
+        if not self.__dataclass_fields__["schedule"].metadata.get("schedule"):
             return value
-        return self.shape.value(value, neutral, step)
+        shape = self.shape
+        if isinstance(shape, Constant) or not self._shapes(name, shape):  # Constant: the value, exactly
+            return value
+        return shape.value(value, neutral, step)
 
     def required_branches(self) -> set[str]:
         """Every branch the method may request; a pipeline checks it can provide them all."""

@@ -16,8 +16,9 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, Perturbation, StepInfo
+from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, GuidedPrediction, Perturbation, StepInfo
 from guidance_engine.interop import from_diffusers_guider, is_diffusers_guider
+from guidance_engine.prediction import Prediction
 from guidance_engine.registry import resolve_guidance
 from guidance_engine.samplers import SampleResult, StartImage, StepRecord, sample
 from guidance_engine.samplers.loop import check_run, normalize_requests
@@ -259,27 +260,30 @@ class NetworkBranches:
 
         names = [name for name, _ in requests]
         parts = [(self._condition(name), rows) for name, rows in requests]
-        xs = [rows_of(x, rows) for _, rows in parts]
+        whole = all(rows is None for _, rows in requests)  # every branch on every row
+        xs = [x] * len(parts) if whole else [rows_of(x, rows) for _, rows in parts]
         x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
 
         def stacked(key: str) -> torch.Tensor | None:
             """Conditioning ``key`` of every branch's rows, in forward order (None if absent)."""
             if key not in parts[0][0]:
                 return None
-            if any(rows is not None for _, rows in parts):
-                return torch.cat([rows_of(c[key], rows) for c, rows in parts])
-            return self._stacked_whole(key, [c[key] for c, _ in parts])
+            if whole:
+                return self._stacked_whole(key, [c[key] for c, _ in parts])
+            return torch.cat([rows_of(c[key], rows) for c, rows in parts])
 
-        spans, start = [], 0  # rows that a Branch alters (TSG's time embedding, PAG/SEG/SLG/NAG layers)
-        for (name, rows), part in zip(requests, xs):
-            if getattr(name, "time_noise", 0.0) > 0 or getattr(name, "perturb", None) is not None:
-                spans.append((start, start + len(part), self._bind_context(name, rows)))
-            spans += [(start, start + len(part), probe) for probe in probes if probe.base == name]
-            start += len(part)
+        spans = []  # rows that a Branch alters (TSG's time embedding, PAG/SEG/SLG/NAG layers)
+        if probes or any(type(name) is not str for name in names):  # a plain name alters nothing
+            start = 0
+            for (name, rows), part in zip(requests, xs):
+                if getattr(name, "time_noise", 0.0) > 0 or getattr(name, "perturb", None) is not None:
+                    spans.append((start, start + len(part), self._bind_context(name, rows)))
+                spans += [(start, start + len(part), probe) for probe in probes if probe.base == name]
+                start += len(part)
         out = self.forward(x_in, timestep, stacked, spans, model=model)
         if len(parts) == 1:
             return {names[0]: out}
-        if all(rows is None for _, rows in parts):
+        if whole:
             return dict(zip(names, out.chunk(len(parts))))  # the stock pipelines' split, bit for bit
         return dict(zip(names, out.split([len(part) for part in xs])))
 
@@ -454,6 +458,14 @@ class RunGuidance:
         self._all_nfe = 0
         self.state = self.method.init_state(batch_size, device)
         return self.state
+
+    # the per-step calls, defined here rather than found through __getattr__ at every step
+    def combine(self, preds: Mapping[str, Prediction], step: StepInfo, state: Any) -> GuidedPrediction:
+        return self.method.combine(preds, step, state)
+
+    def after_step(self, x: torch.Tensor, preds: Mapping[str, Prediction], guided: GuidedPrediction,
+                   step: StepInfo, state: Any) -> torch.Tensor | None:
+        return self.method.after_step(x, preds, guided, step, state)
 
     def branches(self, step: StepInfo, state: Any) -> Any:
         self.values.setdefault("_num_timesteps", step.num_steps - step.index)  # set at the first step taken

@@ -218,7 +218,9 @@ class PlanArgument:
 
 def _unwrapped_module(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper holds (each compile makes a new wrapper)."""
-    return getattr(model, "_orig_mod", model)
+    # a compile wrapper holds it as a submodule; a plain model has no such entry (looked up in
+    # the dict: getattr would go through diffusers' __getattr__ and raise, every forward)
+    return model._modules.get("_orig_mod", model)
 
 
 #: the models whose forwards take the plan as an argument (the UNet families)

@@ -13,7 +13,8 @@ import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from diffusers.utils import logging
@@ -49,8 +50,10 @@ class BranchModel(Protocol):
 def normalize_requests(branches: Sequence[str] | Mapping[str, torch.Tensor | None]
                        ) -> list[tuple[str, torch.Tensor | None]]:
     """A method's ``branches()`` answer (names for all rows, or name -> rows) as (branch, rows) pairs."""
+    if isinstance(branches, (tuple, list)):  # checked first: a Mapping check runs the abc machinery
+        return [(name, None) for name in branches]
     if isinstance(branches, Mapping):
-        return [(name, rows) for name, rows in branches.items()]
+        return list(branches.items())
     return [(name, None) for name in branches]
 
 
