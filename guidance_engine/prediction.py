@@ -52,7 +52,12 @@ class Prediction:
     # -- conversions -------------------------------------------------------------------------
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(output, x, alpha, sigma) in a working dtype of at least float32, alpha and sigma
-        broadcastable per sample: what every conversion between kinds is computed from."""
+        broadcastable per sample: what every conversion between kinds is computed from (made
+        once: x0 and eps, which a solver step reads both of, share them)."""
+        return self._coefficients
+
+    @cached_property
+    def _coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         work = torch.promote_types(self.output.dtype, torch.float32)
         out = self.output.to(work)
         x = self.x.to(work)
