@@ -73,11 +73,11 @@ class ChromaBranches(JointContextBranches, TransformerBranches):
             model, x_in, stacked, spans, image=slice(stacked("encoder_hidden_states").shape[1], None))
         rows, _, height, width = x_in.shape
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        with negative_text, self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches after the text
+        with negative_text, self.altered(model, x_in, spans) as plan:  # image tokens: the default 2 x 2 patches after the text
             out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000,
                         encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids")[0],
                         img_ids=self.img_ids, attention_mask=stacked("attention_mask"),
-                        joint_attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
+                        joint_attention_kwargs=self._attention_kwargs(model, plan) or {}, return_dict=False)[0]
         return unpack_latents(out[:kept], height, width)
 
 

@@ -313,13 +313,15 @@ class NetworkBranches:
         return [model.time_embedding]
 
     @contextlib.contextmanager
-    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
+    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]], tokens: Any = None):
         """The alterations of ``spans`` as the row plan of one forward of ``model`` (TSG's time
-        noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only."""
+        noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only. ``tokens``: a
+        flow transformer's image-token layout (:class:`~.perturbation.ImageTokens`), if not the
+        default one."""
         if not spans and current() is None:  # nothing altered, no plan to hide: as the plain call
             yield None
             return
-        plan = RowPlan(latent_hw=tuple(x_in.shape[-2:]))
+        plan = RowPlan(latent_hw=tuple(x_in.shape[-2:]), tokens=tokens)
         for start, end, branch in spans:
             if branch.probe is not None:
                 _, module = self.layers(model, Perturbation("identity", branch.probe.layers))[0]
@@ -362,10 +364,12 @@ class NetworkBranches:
                          cross_attention_kwargs=self._attention_kwargs(model, plan), return_dict=False)[0]
 
     def _attention_kwargs(self, model, plan: RowPlan | None) -> dict[str, Any] | None:
-        """The call's ``cross_attention_kwargs``, with the row plan as an argument of the forward
-        where the model's layers take one: dynamo traces an argument, not the context variable
-        (``torch.compile(pipe.unet)`` with PAG/SEG/SLG/SAG/NAG). A model that never ran a plan
-        gets exactly the call's kwargs, as the stock pipeline passes them."""
+        """The call's attention kwargs (a UNet's ``cross_attention_kwargs``, a flow transformer's
+        ``joint_attention_kwargs``), with the row plan as an argument of the forward, which
+        diffusers hands on to every block and processor: dynamo traces an argument, not the
+        context variable (``torch.compile(pipe.unet)`` or ``(pipe.transformer)`` with
+        PAG/SEG/SLG/SAG/NAG). A model that never ran a plan gets exactly the call's kwargs, as the
+        stock pipeline passes them."""
         if plan is not None and not PLAN_ARGUMENT.ready(model):
             PLAN_ARGUMENT.install(model)
         if plan is None and not PLAN_ARGUMENT.ready(model):

@@ -73,11 +73,11 @@ class FluxBranches(JointContextBranches, TransformerBranches):
         if txt_ids.shape[0] != encoder.shape[1]:
             txt_ids = torch.zeros(encoder.shape[1], 3, device=txt_ids.device, dtype=txt_ids.dtype)
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        with negative_text, self.altered(model, x_in, spans):
+        with negative_text, self.altered(model, x_in, spans) as plan:
             out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
                         pooled_projections=stacked("pooled_projections"), encoder_hidden_states=encoder,
                         txt_ids=txt_ids, img_ids=self.img_ids,
-                        joint_attention_kwargs=self.cross_attention_kwargs or {}, return_dict=False)[0]
+                        joint_attention_kwargs=self._attention_kwargs(model, plan) or {}, return_dict=False)[0]
         return unpack_latents(out[:kept], height, width)
 
 

@@ -28,7 +28,6 @@ from .flow_transformer import TransformerBranches, negative_prompt_texts, packed
 from .joint_context_attention import JointContextBranches
 from .messages import PromptTruncatedWarning
 from .perturbation import ImageTokens
-from .row_plan import image_tokens
 
 __all__ = ["Flux2Branches", "GuidedFlux2KleinPipeline", "pack_latents", "unpack_latents"]
 
@@ -93,11 +92,11 @@ class Flux2Branches(JointContextBranches, TransformerBranches):
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
         # The latents are patchified already: one token per latent position, then the references'.
         layout = ImageTokens(height, width, context=tokens.shape[1] - height * width)
-        with negative_text, self.altered(model, x_in, spans), image_tokens(layout):
+        with negative_text, self.altered(model, x_in, spans, tokens=layout) as plan:
             # the embedded guidance of a guidance-distilled model (Flux.2 [dev]); Klein has none (None)
             out = model(hidden_states=tokens.to(model.dtype), timestep=timestep / 1000, guidance=stacked("guidance"),
                         encoder_hidden_states=stacked("encoder_hidden_states"), txt_ids=stacked("txt_ids"),
-                        img_ids=self.img_ids, joint_attention_kwargs=self.cross_attention_kwargs,
+                        img_ids=self.img_ids, joint_attention_kwargs=self._attention_kwargs(model, plan),
                         return_dict=False)[0]
         return unpack_latents(out[:kept, :height * width], height, width)
 

@@ -71,13 +71,16 @@ from guidance_engine.guidance import Branch, ContextExtrapolation, Perturbation
 from .context_attention import BoundContext
 from .flow_attention import call_processor, flow_layout
 from .perturbation import merge_rows, plain_rows, block_stacks, resolve_layers, take_rows
-from .row_plan import PlanProcessor, dispatcher_class, current, original_processor, unwrapped
+from .row_plan import _UNSET, PlanProcessor, dispatcher_class, current, original_processor, unwrapped
 
 __all__ = ["JointContextBranches", "NegativeRows", "joint_attention_layers"]
 
 #: The NAG rows of the forward running in this context and their partner rows (empty outside one).
 _STREAMS: ContextVar[tuple["NegativeRows", ...]] = ContextVar("guidance_engine_negative_text", default=())
 _INSTALL = threading.Lock()
+# Forwards carrying NAG rows, over all threads: while none is, the dispatchers and hooks skip the
+# context variable.
+_CARRIED = 0
 _SYNCED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -148,14 +151,17 @@ class JointContextProcessor(PlanProcessor):
     and their partner rows go through :func:`_paired_attention`, the other rows through the layer's
     own processor; without, the shared :class:`PlanProcessor` (PAG, SEG, or the processor itself)."""
 
-    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        pairs = _STREAMS.get()
+    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = _UNSET,
+                 **kwargs: Any) -> Any:
+        # While no NAG forward runs anywhere, the context variable is not read (a compiled
+        # forward cannot trace it; PAG's plan then comes as an argument, traced).
+        pairs = _STREAMS.get() if _CARRIED else ()
         if not pairs:
-            return super().dispatch(attn, hidden_states, *args, **kwargs)
+            return super().dispatch(attn, hidden_states, *args, row_plan=row_plan, **kwargs)
         kwargs = {**dict(zip(self.positional, args)), **kwargs}
         encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
         attention_mask = kwargs.pop("attention_mask", None)
-        plan = current()
+        plan = current() if row_plan is _UNSET else row_plan
         segments = plan.attention.get(attn, []) if plan is not None else []
         if any(not isinstance(what, NegativeRows) for _, _, what in segments):
             raise ValueError("guidance: a second text stream (NAG) cannot share a forward with other attention "
@@ -182,7 +188,7 @@ def _joint_dispatcher_class(original: Callable) -> type:
 def _sync_image_stream(block: nn.Module, args: Any, output: Any) -> Any:
     """After a double-stream block: the partner rows' image stream := the NAG rows' (the authors
     keep one image stream through these blocks). Without NAG rows the output is left as it is."""
-    pairs = _STREAMS.get()
+    pairs = _STREAMS.get() if _CARRIED else ()
     if not pairs:
         return None
     context, image = output
@@ -209,12 +215,17 @@ def _install(model: nn.Module) -> None:
 @contextlib.contextmanager
 def _carrying(model: nn.Module, pairs: tuple[NegativeRows, ...]) -> Iterator[None]:
     """``pairs`` in force for the forward run inside (this context only; reset on exit)."""
+    global _CARRIED
     _install(model)
     token = _STREAMS.set(pairs)
+    with _INSTALL:
+        _CARRIED += 1
     try:
         yield
     finally:
         _STREAMS.reset(token)
+        with _INSTALL:
+            _CARRIED -= 1
 
 
 # --------------------------------------------------------------------------- one layer's rows

@@ -95,11 +95,12 @@ class QwenImageBranches(JointContextBranches, TransformerBranches):
             model, x_in, stacked, spans, text_mask=("encoder_hidden_states", MASK_KEY))
         rows, _, height, width = x_in.shape
         timestep = timestep.expand(rows).to(x_in.dtype)  # as the stock pipeline broadcasts it
-        with negative_text, self.altered(model, x_in, spans):  # image tokens: the default 2 x 2 patches
+        with negative_text, self.altered(model, x_in, spans) as plan:  # image tokens: the default 2 x 2 patches
             out = model(hidden_states=pack_latents(x_in), timestep=timestep / 1000, guidance=stacked("guidance"),
                         encoder_hidden_states_mask=stacked(MASK_KEY),
                         encoder_hidden_states=stacked("encoder_hidden_states"),
-                        img_shapes=[[self.img_shape]] * rows, attention_kwargs=self.cross_attention_kwargs or {},
+                        img_shapes=[[self.img_shape]] * rows,
+                        attention_kwargs=self._attention_kwargs(model, plan) or {},
                         return_dict=False)[0]
         return unpack_latents(out[:kept], height, width)
 

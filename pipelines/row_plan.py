@@ -36,7 +36,7 @@ from .attention_probe import record_attention
 from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 from .shuffle import shuffling_forward
 
-__all__ = ["PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
+__all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
            "install_block",
            "install_processor", "install_time_hook", "original_processor", "unwrapped"]
 
@@ -45,8 +45,11 @@ Segment = tuple[int, int, Any]
 
 #: ``row_plan`` not passed to a dispatcher: it reads the context variable
 _UNSET: Any = object()
-#: the keyword under which a caller passes the plan through ``cross_attention_kwargs``
+#: the keyword under which a caller passes the plan through the forward's attention kwargs
+#: (``cross_attention_kwargs`` of a UNet, ``joint_attention_kwargs`` of a flow transformer)
 PLAN_KWARG = "row_plan"
+#: the forward arguments, by family, that diffusers hands on to every block and attention processor
+ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs")
 _PLAN: ContextVar["RowPlan | None"] = ContextVar("guidance_engine_row_plan", default=None)
 _TOKENS: ContextVar[ImageTokens | None] = ContextVar("guidance_engine_image_tokens", default=None)
 _INSTALL = threading.Lock()
@@ -64,7 +67,9 @@ class RowPlan:
     (PAG's identity, SEG's blur); ``probes``: attention layer -> segments of attention probes
     (SAG reads the map); ``blocks``: transformer block -> segments skipped (SLG); ``time``:
     segments of branches with ``time_noise`` (TSG) on the outputs of ``time_modules``.
-    ``latent_hw``: the latent size, to place tokens on their grid."""
+    ``latent_hw``: the latent size, to place tokens on their grid; ``tokens``: where a flow
+    transformer's image tokens sit in its sequences, when not Flux's 2 x 2 patches alone in the
+    image stream (what :func:`image_tokens` says to a forward that reads the plan from the context)."""
 
     latent_hw: tuple[int, int]
     attention: dict[nn.Module, list[Segment]] = field(default_factory=dict)
@@ -74,6 +79,7 @@ class RowPlan:
     time_modules: set[nn.Module] = field(default_factory=set)
     #: TSG's noise, drawn once per forward and span, added wherever the embedding is computed
     drawn: dict[int, torch.Tensor] = field(default_factory=dict)
+    tokens: ImageTokens | None = None
 
     def __bool__(self) -> bool:
         return bool(self.attention or self.probes or self.blocks or self.time)
@@ -140,8 +146,8 @@ class PlanProcessor:
             if attn in plan.probes:
                 record_attention(attn, hidden_states, kwargs, plan.probes[attn], plan.latent_hw)
             if attn in plan.attention:
-                # a plan passed as an argument comes from a UNet: no flow transformer's token layout
-                tokens = _TOKENS.get() if row_plan is _UNSET else None
+                # a plan passed as an argument carries its token layout (a forward argument too)
+                tokens = _TOKENS.get() if row_plan is _UNSET else plan.tokens
                 return perturbed_rows(self.original, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       kwargs, plan.attention[attn], plan.latent_hw, tokens)
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -193,7 +199,7 @@ def install_processor(module: nn.Module) -> None:
 
 
 class PlanArgument:
-    """Whether a forward of ``model`` can take the plan as an argument (``cross_attention_kwargs``),
+    """Whether a forward of ``model`` can take the plan as an argument (its attention kwargs),
     which needs a dispatcher on every attention layer: diffusers warns about, and drops, an
     argument a layer's processor does not take. Installed once, checked per forward (a
     ``set_attn_processor`` since replaces dispatchers; they are put back before the plan is passed)."""
@@ -223,7 +229,8 @@ def _unwrapped_module(model: nn.Module) -> nn.Module:
     return model._modules.get("_orig_mod", model)
 
 
-#: the models whose forwards take the plan as an argument (the UNet families)
+#: the models whose forwards take the plan as an argument (the UNet families; SD3, Flux, Chroma,
+#: Flux.2 and Qwen-Image, whose transformers hand their attention kwargs to every processor)
 PLAN_ARGUMENT = PlanArgument()
 
 
@@ -237,7 +244,9 @@ class PlanBlockForward:
         self.forward = forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        passed = (kwargs.get("cross_attention_kwargs") or {}).get(PLAN_KWARG, _UNSET)
+        passed = _UNSET
+        for name in ATTENTION_KWARGS:
+            passed = (kwargs.get(name) or {}).get(PLAN_KWARG, passed)
         plan = _PLAN.get() if passed is _UNSET else passed
         if plan is not None and self.block in plan.blocks:
             segments = plan.blocks[self.block]  # one method alters a block one way: skipped or shuffled

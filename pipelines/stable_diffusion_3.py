@@ -41,11 +41,11 @@ class TransformerBranches(JointContextBranches, NetworkBranches):
         rows = x_in.shape[0]
         x_in, stacked, spans, negative_text = self.carry_negative_text(model, x_in, stacked, spans,
                                                                        own=("pooled_projections",))
-        with negative_text, self.altered(model, x_in, spans):
+        with negative_text, self.altered(model, x_in, spans) as plan:
             return model(hidden_states=x_in, timestep=timestep.expand(x_in.shape[0]),
                          encoder_hidden_states=stacked("encoder_hidden_states"),
                          pooled_projections=stacked("pooled_projections"),
-                         joint_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0][:rows]
+                         joint_attention_kwargs=self._attention_kwargs(model, plan), return_dict=False)[0][:rows]
 
 
 class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):

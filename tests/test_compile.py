@@ -50,3 +50,59 @@ def test_pag_compiles_into_one_graph_and_equals_the_uncompiled_run(sd_pair) -> N
     cfg_got, reasons, graphs = _compiled_run(guided, "cfg")  # its dispatchers installed, no plan
     assert torch.equal(cfg_got, cfg_want)
     assert not reasons and graphs == 1
+
+
+# --------------------------------------------------------------------------- flow transformers
+def _flow_pipe(family: str):
+    from conftest import quiet
+    from guidance_engine.pipelines import (GuidedChromaPipeline, GuidedFlux2KleinPipeline, GuidedFluxPipeline,
+                                           GuidedQwenImagePipeline, GuidedStableDiffusion3Pipeline)
+    from guidance_engine.pipelines.toy.tiny_chroma import tiny_chroma_components
+    from guidance_engine.pipelines.toy.tiny_flux2 import tiny_flux2_klein_components
+    from guidance_engine.pipelines.toy.tiny_models import tiny_flux_components, tiny_sd3_components
+    from guidance_engine.pipelines.toy.tiny_qwen_image import tiny_qwen_image_components
+    build, text = {
+        "sd3": (lambda: GuidedStableDiffusion3Pipeline(**tiny_sd3_components(0)), {}),
+        "flux": (lambda: GuidedFluxPipeline(**tiny_flux_components(0)), {"max_sequence_length": 16}),
+        "chroma": (lambda: GuidedChromaPipeline(**tiny_chroma_components(0)), {"max_sequence_length": 16}),
+        "flux2": (lambda: GuidedFlux2KleinPipeline(**tiny_flux2_klein_components(0), is_distilled=False),
+                  {"max_sequence_length": 32}),
+        "qwen": (lambda: GuidedQwenImagePipeline(**tiny_qwen_image_components(0)), {"max_sequence_length": 16}),
+    }[family]
+    return quiet(build()), {"height": 32, "width": 32, "output_type": "latent", **text}
+
+
+def _compiled_transformer_run(pipe, call, guidance, steps):
+    plain = pipe.transformer
+    dynamo.reset()
+    counters.clear()
+    pipe.transformer = torch.compile(plain, backend="eager")
+    try:
+        with torch.no_grad():
+            images = pipe(prompt=PROMPT, guidance=guidance, generator=seeded(0), num_inference_steps=steps,
+                          **call).images
+    finally:
+        pipe.transformer = plain
+        reasons = dict(counters["graph_break"])
+        graphs = counters["stats"]["unique_graphs"]
+        dynamo.reset()
+    return images, reasons, graphs
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwen"])
+@pytest.mark.parametrize("method", ["pag", "seg", "slg"])
+def test_flow_transformers_take_the_row_plan_as_an_argument_under_compile(family, method) -> None:
+    """SD3, Flux, Chroma, Flux.2 and Qwen-Image hand ``joint_attention_kwargs`` to every block and
+    processor, so the plan travels there: PAG, SEG and SLG compile with no graph break (before:
+    5-8 per run, each a context-variable lookup) and give the uncompiled latents bit for bit. The
+    graphs are one per forward layout of the family (the branches that stock runs as separate
+    forwards, prompts of other lengths), not one per step: a longer run compiles no more."""
+    pipe, call = _flow_pipe(family)
+    spec = {"name": method, "layers": [0], "start": 0.0, "stop": 1.0}
+    with torch.no_grad():
+        want = pipe(prompt=PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=2, **call).images
+    got, reasons, graphs = _compiled_transformer_run(pipe, call, spec, 2)
+    assert torch.equal(got, want)
+    assert not reasons
+    _, reasons, longer = _compiled_transformer_run(pipe, call, spec, 4)
+    assert not reasons and longer == graphs
