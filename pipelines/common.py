@@ -182,7 +182,7 @@ class NetworkBranches:
             # grouping below would make, without its per-step bookkeeping
             self._drawn = {}
             try:
-                return self._evaluate(self.model, x, timestep, requests)
+                return self._evaluate(self.model, x, timestep, requests, plain=True)
             finally:
                 self._drawn = None
         groups: dict[str | None, list[tuple[str, torch.Tensor | None]]] = {}
@@ -251,10 +251,11 @@ class NetworkBranches:
         return evaluate
 
     def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor,
-                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = ()
-                  ) -> dict[str, torch.Tensor]:
+                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = (),
+                  plain: bool = False) -> dict[str, torch.Tensor]:
         """One network call on the rows of ``requests``; the output split by branch. ``probes``
-        record the attention map of their base branch's rows in this call."""
+        record the attention map of their base branch's rows in this call; ``plain``: the caller
+        knows every branch is a plain name (nothing to alter)."""
         def rows_of(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
             return tensor if rows is None else tensor[rows]
 
@@ -273,7 +274,7 @@ class NetworkBranches:
             return torch.cat([rows_of(c[key], rows) for c, rows in parts])
 
         spans = []  # rows that a Branch alters (TSG's time embedding, PAG/SEG/SLG/NAG layers)
-        if probes or any(type(name) is not str for name in names):  # a plain name alters nothing
+        if not plain and (probes or any(type(name) is not str for name in names)):  # a plain name alters nothing
             start = 0
             for (name, rows), part in zip(requests, xs):
                 if getattr(name, "time_noise", 0.0) > 0 or getattr(name, "perturb", None) is not None:
@@ -312,15 +313,18 @@ class NetworkBranches:
         """The modules whose output is the time-step embedding TSG perturbs (a UNet's MLP)."""
         return [model.time_embedding]
 
-    @contextlib.contextmanager
-    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]], tokens: Any = None):
+    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]],
+                tokens: Any = None) -> contextlib.AbstractContextManager[RowPlan | None]:
         """The alterations of ``spans`` as the row plan of one forward of ``model`` (TSG's time
-        noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only. ``tokens``: a
-        flow transformer's image-token layout (:class:`~.perturbation.ImageTokens`), if not the
-        default one."""
+        noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only; the context
+        gives the plan (None: nothing altered). ``tokens``: a flow transformer's image-token layout
+        (:class:`~.perturbation.ImageTokens`), if not the default one."""
         if not spans and current() is None:  # nothing altered, no plan to hide: as the plain call
-            yield None
-            return
+            return _NO_PLAN
+        return self._plan_in_force(model, x_in, spans, tokens)
+
+    @contextlib.contextmanager
+    def _plan_in_force(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]], tokens: Any):
         plan = RowPlan(latent_hw=tuple(x_in.shape[-2:]), tokens=tokens)
         for start, end, branch in spans:
             if branch.probe is not None:
@@ -379,6 +383,8 @@ class NetworkBranches:
 
 #: The former name (it holds transformers too).
 UNetBranches = NetworkBranches
+#: A forward that alters nothing: a context giving no plan (reusable, so built once)
+_NO_PLAN = contextlib.nullcontext(None)
 
 #: The calls running in this context (a thread, or an asyncio task): pipeline id -> that call's
 #: per-call attributes (:class:`CallAttribute`). A call adds its own for its duration and takes

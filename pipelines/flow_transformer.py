@@ -86,16 +86,16 @@ class TransformerBranches(NetworkBranches):
         super().check_supports(guide)
 
     def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor,
-                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = ()
-                  ) -> dict[str, torch.Tensor]:
+                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = (),
+                  plain: bool = False) -> dict[str, torch.Tensor]:
         if not self.separate_forwards or len(requests) < 2:
             with self.cache_context(model, requests):
-                return super()._evaluate(model, x, timestep, requests, probes)
+                return super()._evaluate(model, x, timestep, requests, probes, plain)
         out: dict[str, torch.Tensor] = {}
         for request in sorted(requests, key=lambda r: r[0] != self.first):  # stable: the stock order
             with self.cache_context(model, [request]):
                 out.update(super()._evaluate(model, x, timestep, [request],
-                                             [p for p in probes if p.base == request[0]]))
+                                             [p for p in probes if p.base == request[0]], plain))
         return out
 
     @staticmethod

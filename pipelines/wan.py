@@ -163,10 +163,11 @@ class WanBranches(VideoTransformerBranches):
         the blocks' six modulation vectors and the output norm's shift and scale)."""
         return [model.condition_embedder.time_embedder]
 
-    def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor, requests, probes=()) -> dict[str, torch.Tensor]:
+    def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor, requests, probes=(),
+                  plain: bool = False) -> dict[str, torch.Tensor]:
         if model is self.model and self.model_2 is not None and not self.boundary.high_noise(float(timestep)):
             model = self.model_2  # the stock choice of expert, once per step (one host read of t)
-        return super()._evaluate(model, x, timestep, requests, probes)
+        return super()._evaluate(model, x, timestep, requests, probes, plain)
 
     def model_timesteps(self, timestep: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input, as the stock loop makes it: t per row, or (TI2V) t per

@@ -103,12 +103,12 @@ class ZImageBranches(JointContextBranches, TransformerBranches):
     time_noise = True
 
     def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor,
-                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = ()
-                  ) -> dict[str, torch.Tensor]:
+                  requests: Sequence[tuple[str, torch.Tensor | None]], probes: Sequence[Any] = (),
+                  plain: bool = False) -> dict[str, torch.Tensor]:
         # Rows follow the request order; the conditional first (stable: the rest keep theirs). The
         # outputs come back by branch name, whatever the order.
         ordered = sorted(requests, key=lambda request: request[0] != self.first)
-        return super()._evaluate(model, x, timestep, ordered, probes)
+        return super()._evaluate(model, x, timestep, ordered, probes, plain)
 
     def time_embeddings(self, model) -> list[Any]:
         """TSG's noise goes on the time-step MLP's output (``t_embedder``: the modulation input of
