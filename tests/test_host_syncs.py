@@ -107,3 +107,31 @@ def test_the_engine_adds_at_most_three_tensor_ops_per_step_to_the_stock_pipeline
     assert stock_ops > 20  # the count sees the scheduler's ops
     assert ops_per_step(guided) <= stock_ops + 3
     assert ops_per_step(guided, sampler="ddim") < stock_ops
+
+
+def python_calls_per_step(pipe, **call) -> float:
+    import cProfile
+    import pstats
+    pipe(PROMPT, num_inference_steps=2, generator=seeded(0), output_type="latent", **call)  # lazy imports done
+    totals = []
+    for steps in (3, 6):
+        profile = cProfile.Profile()
+        profile.enable()
+        pipe(PROMPT, num_inference_steps=steps, generator=seeded(0), output_type="latent", **call)
+        profile.disable()
+        totals.append(pstats.Stats(profile).total_calls)
+    return (totals[1] - totals[0]) / 3
+
+
+def test_the_engine_adds_at_most_a_hundred_python_calls_per_step_to_the_stock_pipeline() -> None:
+    """Python work per step, beside the network's: function calls (cProfile's count, builtins
+    included; the UNet's own, the same in both, cancel out) of a CFG step through
+    ``scheduler.step``, engine against stock. The stock DDIM loop makes about 70; the engine, whose
+    step goes through the method, the branch model and the row plan, about 160 (221 before
+    session 12's cuts). After a real forward, whose code and data have
+    evicted the caches, each call costs several times what it costs in a tight loop, so these are
+    what the engine adds to a step of a small model (docs/benchmarks.md)."""
+    stock, guided, _ = _sd()
+    stock_calls = python_calls_per_step(stock)
+    assert stock_calls > 30
+    assert python_calls_per_step(guided) <= stock_calls + 100
