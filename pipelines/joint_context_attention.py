@@ -71,7 +71,7 @@ from guidance_engine.guidance import Branch, ContextExtrapolation, Perturbation
 from .context_attention import BoundContext
 from .flow_attention import call_processor, flow_layout
 from .perturbation import merge_rows, plain_rows, block_stacks, resolve_layers, take_rows
-from .row_plan import _UNSET, PlanProcessor, dispatcher_class, current, original_processor, unwrapped
+from .row_plan import _UNSET, PlanProcessor, dispatcher_class, current, original_processor, passed_plan, unwrapped
 
 __all__ = ["JointContextBranches", "NegativeRows", "joint_attention_layers"]
 
@@ -153,9 +153,9 @@ class JointContextProcessor(PlanProcessor):
 
     def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = _UNSET,
                  **kwargs: Any) -> Any:
-        # While no NAG forward runs anywhere, the context variable is not read (a compiled
-        # forward cannot trace it; PAG's plan then comes as an argument, traced).
-        pairs = _STREAMS.get() if _CARRIED else ()
+        # The streams come with a plan passed as an argument (traced by a compiled forward); else
+        # from the context variable, read only while a NAG forward runs somewhere.
+        pairs = _negative_streams(row_plan)
         if not pairs:
             return super().dispatch(attn, hidden_states, *args, row_plan=row_plan, **kwargs)
         kwargs = {**dict(zip(self.positional, args)), **kwargs}
@@ -185,10 +185,18 @@ def _joint_dispatcher_class(original: Callable) -> type:
     return _CLASSES[kind]
 
 
-def _sync_image_stream(block: nn.Module, args: Any, output: Any) -> Any:
+def _negative_streams(plan: Any) -> tuple["NegativeRows", ...]:
+    """The NAG streams of a forward: those of ``plan`` if one was passed (None: none), else the
+    context's (not read while no NAG forward runs anywhere)."""
+    if plan is _UNSET:
+        return _STREAMS.get() if _CARRIED else ()
+    return plan.negative if plan is not None else ()
+
+
+def _sync_image_stream(block: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
     """After a double-stream block: the partner rows' image stream := the NAG rows' (the authors
     keep one image stream through these blocks). Without NAG rows the output is left as it is."""
-    pairs = _STREAMS.get() if _CARRIED else ()
+    pairs = _negative_streams(passed_plan(kwargs))
     if not pairs:
         return None
     context, image = output
@@ -208,7 +216,7 @@ def _install(model: nn.Module) -> None:
                 module.processor = _joint_dispatcher_class(original)(original)
         for block in _double_blocks(model):
             if block not in _SYNCED:
-                block.register_forward_hook(_sync_image_stream)
+                block.register_forward_hook(_sync_image_stream, with_kwargs=True)
                 _SYNCED.add(block)
 
 
@@ -226,6 +234,15 @@ def _carrying(model: nn.Module, pairs: tuple[NegativeRows, ...]) -> Iterator[Non
         _STREAMS.reset(token)
         with _INSTALL:
             _CARRIED -= 1
+
+
+@contextlib.contextmanager
+def _carrying_streams(context: Any, pairs: tuple[NegativeRows, ...]) -> Iterator[Any]:
+    """``context`` (a row plan's), with ``pairs`` set on the plan it gives."""
+    with context as plan:
+        if plan is not None:
+            plan.negative = pairs
+        yield plan
 
 
 # --------------------------------------------------------------------------- one layer's rows
@@ -342,6 +359,13 @@ class JointContextBranches:
     Flux.1, "flow" the others)."""
 
     context_attention: str = "flow"
+
+    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]], tokens: Any = None):
+        """The family's row plan, which also carries the NAG streams of :meth:`carry_negative_text`'s
+        context (entered before it), so that a forward given the plan as an argument reads them there."""
+        context = super().altered(model, x_in, spans, tokens)
+        pairs = _STREAMS.get() if _CARRIED else ()
+        return _carrying_streams(context, pairs) if pairs else context
 
     def layers(self, model, perturbation: Perturbation, owner: str = "guidance") -> list:
         if perturbation.kind != "extrapolate":

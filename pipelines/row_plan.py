@@ -38,7 +38,7 @@ from .shuffle import shuffling_forward
 
 __all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
            "install_block",
-           "install_processor", "install_time_hook", "original_processor", "unwrapped"]
+           "install_processor", "install_time_hook", "original_processor", "passed_plan", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
@@ -80,6 +80,9 @@ class RowPlan:
     #: TSG's noise, drawn once per forward and span, added wherever the embedding is computed
     drawn: dict[int, torch.Tensor] = field(default_factory=dict)
     tokens: ImageTokens | None = None
+    #: NAG's negative text streams on joint attention (the forward's partner rows, as
+    #: :class:`~.joint_context_attention.NegativeRows`), for the layers and block hooks to read
+    negative: tuple = ()
 
     def __bool__(self) -> bool:
         return bool(self.attention or self.probes or self.blocks or self.time)
@@ -235,6 +238,15 @@ PLAN_ARGUMENT = PlanArgument()
 
 
 # --------------------------------------------------------------------------- transformer blocks
+def passed_plan(kwargs: dict[str, Any]) -> Any:
+    """The plan a block's call got through its attention kwargs, or ``_UNSET`` (none passed: the
+    context variable holds it)."""
+    passed = _UNSET
+    for name in ATTENTION_KWARGS:
+        passed = (kwargs.get(name) or {}).get(PLAN_KWARG, passed)
+    return passed
+
+
 class PlanBlockForward:
     """A transformer block's forward behind a dispatcher: the block's own forward unless the
     current plan skips some of its rows (those rows then leave the block unchanged)."""
@@ -244,9 +256,7 @@ class PlanBlockForward:
         self.forward = forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        passed = _UNSET
-        for name in ATTENTION_KWARGS:
-            passed = (kwargs.get(name) or {}).get(PLAN_KWARG, passed)
+        passed = passed_plan(kwargs)
         plan = _PLAN.get() if passed is _UNSET else passed
         if plan is not None and self.block in plan.blocks:
             segments = plan.blocks[self.block]  # one method alters a block one way: skipped or shuffled

@@ -51,12 +51,12 @@ class VideoTransformerBranches(TransformerBranches):
             self._layers[key] = self.resolve_layers(model, perturbation, owner)
         return self._layers[key]
 
-    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]]):
+    def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]], tokens: Any = None):
         for _, _, branch in spans:  # the family's dispatchers, which the shared row plan then drives
             if branch.perturb is not None:
                 for _, module in self.layers(model, branch.perturb):
                     self.install_dispatcher(module, branch.perturb.kind)
-        return super().altered(model, x_in, spans)
+        return super().altered(model, x_in, spans, tokens)
 
 
 @dataclass

@@ -90,11 +90,12 @@ def _compiled_transformer_run(pipe, call, guidance, steps):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwen"])
-@pytest.mark.parametrize("method", ["pag", "seg", "slg"])
+@pytest.mark.parametrize("method", ["pag", "seg", "slg", "nag"])
 def test_flow_transformers_take_the_row_plan_as_an_argument_under_compile(family, method) -> None:
     """SD3, Flux, Chroma, Flux.2 and Qwen-Image hand ``joint_attention_kwargs`` to every block and
-    processor, so the plan travels there: PAG, SEG and SLG compile with no graph break (before:
-    5-8 per run, each a context-variable lookup) and give the uncompiled latents bit for bit. The
+    processor, so the plan travels there (NAG's negative text streams in it): PAG, SEG, SLG and
+    NAG compile with no graph break (before: PAG 5-8, NAG 6-9 per run, each a context-variable
+    lookup) and give the uncompiled latents bit for bit. The
     graphs are one per forward layout of the family (the branches that stock runs as separate
     forwards, prompts of other lengths), not one per step: a longer run compiles no more."""
     pipe, call = _flow_pipe(family)
