@@ -71,7 +71,7 @@ from guidance_engine.guidance import Branch, ContextExtrapolation, Perturbation
 from .context_attention import BoundContext
 from .flow_attention import call_processor, flow_layout
 from .perturbation import merge_rows, plain_rows, block_stacks, resolve_layers, take_rows
-from .row_plan import _UNSET, PlanProcessor, dispatcher_class, current, original_processor, passed_plan, unwrapped
+from .row_plan import UNSET, PlanProcessor, dispatcher_class, current, original_processor, passed_plan, unwrapped
 
 __all__ = ["JointContextBranches", "NegativeRows", "joint_attention_layers"]
 
@@ -151,7 +151,7 @@ class JointContextProcessor(PlanProcessor):
     and their partner rows go through :func:`_paired_attention`, the other rows through the layer's
     own processor; without, the shared :class:`PlanProcessor` (PAG, SEG, or the processor itself)."""
 
-    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = _UNSET,
+    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = UNSET,
                  **kwargs: Any) -> Any:
         # The streams come with a plan passed as an argument (traced by a compiled forward); else
         # from the context variable, read only while a NAG forward runs somewhere.
@@ -161,7 +161,7 @@ class JointContextProcessor(PlanProcessor):
         kwargs = {**dict(zip(self.positional, args)), **kwargs}
         encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
         attention_mask = kwargs.pop("attention_mask", None)
-        plan = current() if row_plan is _UNSET else row_plan
+        plan = current() if row_plan is UNSET else row_plan
         segments = plan.attention.get(attn, []) if plan is not None else []
         if any(not isinstance(what, NegativeRows) for _, _, what in segments):
             raise ValueError("guidance: a second text stream (NAG) cannot share a forward with other attention "
@@ -188,7 +188,7 @@ def _joint_dispatcher_class(original: Callable) -> type:
 def _negative_streams(plan: Any) -> tuple["NegativeRows", ...]:
     """The NAG streams of a forward: those of ``plan`` if one was passed (None: none), else the
     context's (not read while no NAG forward runs anywhere)."""
-    if plan is _UNSET:
+    if plan is UNSET:
         return _STREAMS.get() if _CARRIED else ()
     return plan.negative if plan is not None else ()
 

@@ -36,15 +36,15 @@ from .attention_probe import record_attention
 from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 from .shuffle import shuffling_forward
 
-__all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "RowPlan", "active", "current", "dispatcher_class", "image_tokens",
-           "install_block",
+__all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "UNSET", "PlanBlockForward", "PlanProcessor",
+           "RowPlan", "active", "current", "dispatcher_class", "image_tokens", "install_block",
            "install_processor", "install_time_hook", "original_processor", "passed_plan", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
 
 #: ``row_plan`` not passed to a dispatcher: it reads the context variable
-_UNSET: Any = object()
+UNSET: Any = object()
 #: the keyword under which a caller passes the plan through the forward's attention kwargs
 #: (``cross_attention_kwargs`` of a UNet, ``joint_attention_kwargs`` of a flow transformer)
 PLAN_KWARG = "row_plan"
@@ -137,11 +137,11 @@ class PlanProcessor:
         except (TypeError, ValueError):
             self.positional = ("encoder_hidden_states", "attention_mask")
 
-    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = _UNSET,
+    def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = UNSET,
                  **kwargs: Any) -> Any:
         # The plan comes as a forward argument where the caller passes one (the UNet families, so
         # that a compiled forward traces it), else from the context variable.
-        plan = _PLAN.get() if row_plan is _UNSET else row_plan
+        plan = _PLAN.get() if row_plan is UNSET else row_plan
         if plan is not None and (attn in plan.probes or attn in plan.attention):
             kwargs = {**dict(zip(self.positional, args)), **kwargs}
             encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
@@ -150,7 +150,7 @@ class PlanProcessor:
                 record_attention(attn, hidden_states, kwargs, plan.probes[attn], plan.latent_hw)
             if attn in plan.attention:
                 # a plan passed as an argument carries its token layout (a forward argument too)
-                tokens = _TOKENS.get() if row_plan is _UNSET else plan.tokens
+                tokens = _TOKENS.get() if row_plan is UNSET else plan.tokens
                 return perturbed_rows(self.original, attn, hidden_states, encoder_hidden_states, attention_mask,
                                       kwargs, plan.attention[attn], plan.latent_hw, tokens)
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -239,9 +239,9 @@ PLAN_ARGUMENT = PlanArgument()
 
 # --------------------------------------------------------------------------- transformer blocks
 def passed_plan(kwargs: dict[str, Any]) -> Any:
-    """The plan a block's call got through its attention kwargs, or ``_UNSET`` (none passed: the
+    """The plan a block's call got through its attention kwargs, or ``UNSET`` (none passed: the
     context variable holds it)."""
-    passed = _UNSET
+    passed = UNSET
     for name in ATTENTION_KWARGS:
         passed = (kwargs.get(name) or {}).get(PLAN_KWARG, passed)
     return passed
@@ -257,7 +257,7 @@ class PlanBlockForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         passed = passed_plan(kwargs)
-        plan = _PLAN.get() if passed is _UNSET else passed
+        plan = _PLAN.get() if passed is UNSET else passed
         if plan is not None and self.block in plan.blocks:
             segments = plan.blocks[self.block]  # one method alters a block one way: skipped or shuffled
             altered = shuffling_forward if segments[0][2].kind == "shuffle" else skipping_forward
