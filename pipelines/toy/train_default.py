@@ -51,6 +51,7 @@ from tqdm import tqdm
 from guidance_engine import strict_json
 
 from . import shapes
+from .checkpoint import load_training_state, save_training_state
 
 __all__ = ["build_tokenizer", "build_models", "build_reference_unet", "images_to_tensor", "main", "plot_losses", "train"]
 
@@ -195,25 +196,16 @@ def train(args: argparse.Namespace) -> Path:
     gen = torch.Generator().manual_seed(args.seed + 1)
     state_path = work / "state.pt"
 
-    if args.resume and state_path.exists():
-        ck = torch.load(state_path, weights_only=False)
-        for m, k in ((vae, "vae"), (unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
-                     (ema_text, "ema_text"), (vae_opt, "vae_opt"), (opt, "opt"), (reference, "reference"),
-                     (ema_reference, "ema_reference"), (reference_opt, "reference_opt")):
-            m.load_state_dict(ck[k])
-        gen.set_state(ck["gen"])
-        state = ck["state"]
+    parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text,
+             "vae_opt": vae_opt, "opt": opt, "reference": reference, "ema_reference": ema_reference,
+             "reference_opt": reference_opt}
+    resumed = load_training_state(state_path, parts, gen) if args.resume else None
+    if resumed is not None:
+        state = resumed
         print(f"resumed: stage {state['stage']} step {state['step']}")
 
     def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                    "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                    "vae_opt": vae_opt.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "reference": reference.state_dict(), "ema_reference": ema_reference.state_dict(),
-                    "reference_opt": reference_opt.state_dict(),
-                    "state": state}, tmp)
-        os.replace(tmp, state_path)
+        save_training_state(state_path, parts, gen, state)
         with open(work / "losses.csv", "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=["stage", "step", "loss", "reference_loss"])
             wr.writeheader()

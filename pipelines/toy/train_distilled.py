@@ -42,6 +42,7 @@ from tqdm import tqdm
 from guidance_engine import strict_json
 
 from . import shapes
+from .checkpoint import load_training_state, save_training_state
 from .train_default import MODEL_MAX_LENGTH, UNCOND_PROBABILITY, images_to_tensor
 
 __all__ = ["GUIDANCE_EMBEDDING_DIM", "build_student", "guided_target", "main", "scale_embedding", "train"]
@@ -119,20 +120,14 @@ def train(args: argparse.Namespace) -> Path:
     gen = torch.Generator().manual_seed(args.seed + 11)
     state = {"step": 0, "losses": [], "elapsed": 0.0}
     state_path = work / "state.pt"
-    if args.resume and state_path.exists():
-        ck = torch.load(state_path, weights_only=False)
-        student.load_state_dict(ck["student"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"])
-        state = ck["state"]
+    parts = {"student": student, "ema": ema, "opt": opt}
+    resumed = load_training_state(state_path, parts, gen) if args.resume else None
+    if resumed is not None:
+        state = resumed
         print(f"resumed at step {state['step']}")
 
     def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "gen": gen.get_state(), "state": state}, tmp)
-        os.replace(tmp, state_path)
+        save_training_state(state_path, parts, gen, state)
 
     n = len(x_all)
     start = time.time() - state["elapsed"]

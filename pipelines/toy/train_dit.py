@@ -34,7 +34,6 @@ import copy
 import csv
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from guidance_engine import strict_json
 
 from . import shapes
+from .checkpoint import load_training_state, save_training_state
 
 __all__ = ["NUM_CLASSES", "build_transformer", "build_scheduler", "class_labels", "main", "train"]
 
@@ -119,20 +119,14 @@ def train(args: argparse.Namespace) -> Path:
     gen = torch.Generator().manual_seed(args.seed + 1)
     state = {"step": 0, "losses": [], "elapsed": 0.0}
     state_path = work / "state.pt"
-    if args.resume and state_path.exists():
-        ck = torch.load(state_path, weights_only=False)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"])
-        state = ck["state"]
+    parts = {"model": model, "ema": ema, "opt": opt}
+    resumed = load_training_state(state_path, parts, gen) if args.resume else None
+    if resumed is not None:
+        state = resumed
         print(f"resumed at step {state['step']}")
 
     def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "gen": gen.get_state(), "state": state}, tmp)
-        os.replace(tmp, state_path)
+        save_training_state(state_path, parts, gen, state)
         _write_losses(state["losses"], work / "losses.csv")
 
     alphas = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
