@@ -255,8 +255,13 @@ class Guidance:
 
     @property
     def shape(self) -> Schedule:
-        """The schedule as an object (the field keeps what was given: a name stays a name)."""
-        return as_schedule(self.schedule)
+        """The schedule as an object (the field keeps what was given: a name stays a name).
+        Resolved once per method object (read at every step), again if the field was replaced."""
+        known = self.__dict__.get("_shape")
+        if known is None or known[0] is not self.schedule:
+            known = (self.schedule, as_schedule(self.schedule))
+            object.__setattr__(self, "_shape", known)  # a memo of a pure function, not run state
+        return known[1]
 
     def _check_schedule(self) -> None:
         """The schedule is one :mod:`.schedules` accepts, its target parameter is one it shapes,
@@ -370,9 +375,7 @@ class Guidance:
     # -- the per-step contract ---------------------------------------------------------------
     def active(self, step: StepInfo) -> bool:
         """Whether guidance is on at this step (interval in sigma and in step fraction)."""
-        in_sigma = self.sigma_min <= step.sigma <= self.sigma_max
-        in_steps = self.start <= step.progress < self.stop
-        return in_sigma and in_steps
+        return self.sigma_min <= step.sigma <= self.sigma_max and self.start <= step.progress < self.stop
 
     def scale_at(self, step: StepInfo) -> float:
         """The scale at this step: ``scale`` shaped by ``schedule``; neutral outside the interval."""

@@ -177,7 +177,12 @@ class NetworkBranches:
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor,
                  requests: Sequence[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
-        if self.max_batch_rows is None and all(type(name) is str for name, _ in requests):
+        plain = self.max_batch_rows is None
+        for name, _ in requests:  # (loops, not all(...) over a generator, on this per-step path)
+            if type(name) is not str:
+                plain = False
+                break
+        if plain:
             # plain branches only (no other network, probe or alteration): the one call that the
             # grouping below would make, without its per-step bookkeeping
             self._drawn = {}
@@ -261,7 +266,11 @@ class NetworkBranches:
 
         names = [name for name, _ in requests]
         parts = [(self._condition(name), rows) for name, rows in requests]
-        whole = all(rows is None for _, rows in requests)  # every branch on every row
+        whole = True  # every branch on every row
+        for _, rows in requests:
+            if rows is not None:
+                whole = False
+                break
         xs = [x] * len(parts) if whole else [rows_of(x, rows) for _, rows in parts]
         x_in = torch.cat(xs) if len(xs) > 1 else xs[0]
 
@@ -291,9 +300,12 @@ class NetworkBranches:
     def _stacked_whole(self, key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``torch.cat(tensors)``, reused while the same tensors, unwritten, are stacked again."""
         kept = self._stacks.get(key)
-        if kept is not None and len(kept[0]) == len(tensors) and all(
-                a is b and a._version == v for a, b, v in zip(kept[0], tensors, kept[1])):
-            return kept[2]
+        if kept is not None and len(kept[0]) == len(tensors):
+            for a, b, version in zip(kept[0], tensors, kept[1]):
+                if a is not b or a._version != version:
+                    break
+            else:
+                return kept[2]
         stack = torch.cat(tensors)
         self._stacks[key] = (tensors, [t._version for t in tensors], stack)
         return stack
@@ -353,9 +365,12 @@ class NetworkBranches:
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
         """One network call on the assembled rows (the UNet's signature; subclasses adapt)."""
         model = self.model if model is None else model
-        added = {key: stacked(key) for key in self._ADDED}  # SDXL's text embeddings and time ids
-        if any(value is None for value in added.values()):
-            added = None
+        added = None  # SDXL's text embeddings and time ids (SD has none: one lookup per step)
+        text_embeds = stacked(self._ADDED[0])
+        if text_embeds is not None:
+            added = {self._ADDED[0]: text_embeds, **{key: stacked(key) for key in self._ADDED[1:]}}
+            if any(value is None for value in added.values()):
+                added = None
         extra = stacked("inpaint_channels")  # a 9-channel inpainting UNet's mask and masked-image latents
         timestep_cond = None
         if self.timestep_cond is not None and getattr(model.config, "time_cond_proj_dim", None) is not None:
@@ -480,6 +495,9 @@ class RunGuidance:
     def branches(self, step: StepInfo, state: Any) -> Any:
         self.values.setdefault("_num_timesteps", step.num_steps - step.index)  # set at the first step taken
         requests = self.method.branches(step, state)
+        if isinstance(requests, tuple):  # names: every row of each
+            self._all_nfe += len(requests)
+            return requests
         for _, rows in normalize_requests(requests):
             if rows is None:
                 self._all_nfe += 1

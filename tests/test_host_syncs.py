@@ -127,7 +127,7 @@ def test_the_engine_adds_at_most_a_hundred_python_calls_per_step_to_the_stock_pi
     """Python work per step, beside the network's: function calls (cProfile's count, builtins
     included; the UNet's own, the same in both, cancel out) of a CFG step through
     ``scheduler.step``, engine against stock. The stock DDIM loop makes about 70; the engine, whose
-    step goes through the method, the branch model and the row plan, about 160 (221 before
+    step goes through the method, the branch model and the row plan, about 140 (221 before
     session 12's cuts). After a real forward, whose code and data have
     evicted the caches, each call costs several times what it costs in a tight loop, so these are
     what the engine adds to a step of a small model (docs/benchmarks.md)."""
