@@ -29,7 +29,7 @@ from diffusers import (SD3Transformer2DModel, StableDiffusion3Pipeline, StableDi
 from guidance_engine import strict_json  # noqa: E402
 from guidance_engine import resolve_guidance  # noqa: E402
 from guidance_engine.pipelines import default_model_path  # noqa: E402
-from guidance_engine.pipelines.common import NetworkBranches  # noqa: E402
+from guidance_engine.pipelines.branches import NetworkBranches  # noqa: E402
 from guidance_engine.pipelines.stable_diffusion_3 import TransformerBranches  # noqa: E402
 from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components, tiny_sd_components  # noqa: E402
 from guidance_engine.samplers import sample  # noqa: E402

@@ -29,7 +29,8 @@ from diffusers.models.embeddings import LabelEmbedding
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .branches import NetworkBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 
 
 def null_class_label(transformer) -> int | None:

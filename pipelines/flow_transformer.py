@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .common import NetworkBranches
+from .branches import NetworkBranches
 
 __all__ = ["TransformerBranches", "negative_prompt_texts", "pack_latents", "packed_callback", "unpack_latents"]
 

@@ -18,7 +18,7 @@ import torch
 from guidance_engine.samplers import StartImage
 
 if TYPE_CHECKING:
-    from .common import NetworkBranches
+    from .branches import NetworkBranches
 
 ImageLike = Any  # PIL image, numpy array, torch tensor, a path, or a list of them
 

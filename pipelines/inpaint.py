@@ -19,7 +19,8 @@ import torch
 
 from guidance_engine.samplers import StartImage
 
-from .common import GuidanceSpec, GuidedPipelineOutput, NetworkBranches
+from .branches import NetworkBranches
+from .common import GuidanceSpec, GuidedPipelineOutput
 from .image_input import ImageInput, ImageLike, image_size, load_image
 from .stable_diffusion import GuidedStableDiffusionPipeline
 

@@ -45,7 +45,8 @@ from guidance_engine.guidance import Guidance
 from guidance_engine.registry import resolve_guidance
 
 from . import conditions
-from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .branches import NetworkBranches
+from .common import TEXT_LOCK, GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .image_input import ImageLike, load_image
 
 #: ``image_guidance_scale`` when not given (the stock default).

@@ -20,7 +20,8 @@ from guidance_engine.samplers.inversion import invert as invert_latents
 from guidance_engine.samplers.schedule import is_flow_scheduler
 
 from . import conditions
-from .common import GuidanceSpec, NetworkBranches
+from .branches import NetworkBranches
+from .common import GuidanceSpec
 from .image_input import ImageInput, ImageLike, load_image
 
 

@@ -13,7 +13,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .branches import NetworkBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .distilled import distilled_guidance, embed_scale, embedded_scale, is_guidance_distilled
 from .inversion import InversionMixin
 

@@ -11,7 +11,8 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from . import conditions
-from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput, NetworkBranches
+from .branches import NetworkBranches
+from .common import GuidanceSpec, GuidedPipelineMixin, GuidedPipelineOutput
 from .joint_context_attention import JointContextBranches
 
 

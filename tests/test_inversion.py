@@ -132,7 +132,7 @@ def test_sdxl_invert_is_the_core_inversion_of_its_conditions_and_regenerates(tmp
     image's size, the pipeline's own null condition), the image is the posterior mean encoded as
     the inverse of the pipeline's decoding; regenerate is the DDIM text-to-image call from there."""
     from guidance_engine.pipelines import GuidedStableDiffusionXLImg2ImgPipeline, GuidedStableDiffusionXLPipeline
-    from guidance_engine.pipelines.common import NetworkBranches
+    from guidance_engine.pipelines.branches import NetworkBranches
     from guidance_engine.pipelines.toy.tiny_models import tiny_sdxl_components
 
     xl = quiet(GuidedStableDiffusionXLPipeline(**tiny_sdxl_components(0)))

@@ -21,7 +21,7 @@ from guidance_engine.methods.rectified_cfgpp import RectifiedCFGPlusPlus, flow_t
 from guidance_engine.methods.swg import SWG, stitch, window_boxes
 from guidance_engine.methods.tpg import SDXL_LAYERS, TPG, TokenShuffle, step_seed
 from guidance_engine.pipelines import GuidedStableDiffusion3Pipeline, perturbation
-from guidance_engine.pipelines.common import NetworkBranches
+from guidance_engine.pipelines.branches import NetworkBranches
 from guidance_engine.pipelines.shuffle import shuffling_forward
 from guidance_engine.pipelines.toy.gmm import GaussianMixture
 from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components

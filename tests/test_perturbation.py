@@ -22,7 +22,7 @@ from guidance_engine.methods.sag import SAG
 from guidance_engine.methods.seg import SEG
 from guidance_engine.methods.slg import SLG
 from guidance_engine.pipelines import GuidedStableDiffusion3Pipeline
-from guidance_engine.pipelines.common import NetworkBranches
+from guidance_engine.pipelines.branches import NetworkBranches
 from guidance_engine.pipelines.perturbation import gaussian_blur_queries, resolve_layers
 from guidance_engine.pipelines.row_plan import PlanBlockForward, current
 from guidance_engine.pipelines.toy.tiny_models import tiny_sd3_components, tiny_sd_components
