@@ -11,8 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "GuidedPipelineOutput": ".common",
-    "NetworkBranches": ".common",
-    "UNetBranches": ".common",
+    "NetworkBranches": ".branches",
+    "UNetBranches": ".branches",
     "GuidedStableDiffusionPipeline": ".stable_diffusion",
     "GuidedStableDiffusionImg2ImgPipeline": ".img2img",
     "GuidedStableDiffusionInpaintPipeline": ".inpaint",

@@ -217,3 +217,11 @@ def test_the_library_path_names_no_method(module) -> None:
     assert not named, f"{path.name} names methods or their branches at lines {named}: move it to conditions.py"
     assert not read, f"{path.name} reads method-specific attributes {read}: declare them on Guidance"
     assert not imported, f"{path.name} imports a method (lines {imported}): go through the provider table"
+
+
+def test_every_lazy_export_of_the_pipelines_package_resolves() -> None:
+    """``guidance_engine.pipelines`` imports its attributes on first use, from the module its
+    table names: each must be found there (a class moved to another module, its entry not)."""
+    import guidance_engine.pipelines as pipelines
+    for name in pipelines.__all__:
+        assert getattr(pipelines, name) is not None, name
