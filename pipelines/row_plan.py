@@ -14,9 +14,16 @@ before; with one they alter the plan's rows only. Nothing is swapped per call, s
 nothing to restore when a forward raises, and concurrent calls on one pipeline cannot see each
 other's alterations.
 
-A flow transformer's branch model also says, with :func:`image_tokens`, where the generated
-image's tokens sit in its sequences (an :class:`~.perturbation.ImageTokens`), when they are not
-Flux's 2 x 2 latent patches alone in the image stream.
+Where the network hands its attention kwargs on to every block and processor (the UNets'
+``cross_attention_kwargs``; SD3's, Flux's, Chroma's, Flux.2's and Qwen-Image's
+``joint_attention_kwargs``), the plan also travels there, as ``row_plan``, once a plan has run on
+the model (every attention layer then has a pass-through dispatcher that takes it): a compiled
+forward traces an argument, where a context-variable lookup would break its graph.
+
+A flow transformer's branch model also says where the generated image's tokens sit in its
+sequences (an :class:`~.perturbation.ImageTokens`), when they are not Flux's 2 x 2 latent patches
+alone in the image stream: in the plan (``tokens``), or with :func:`image_tokens` for a forward
+that reads the plan from the context.
 """
 
 from __future__ import annotations
@@ -139,8 +146,9 @@ class PlanProcessor:
 
     def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = UNSET,
                  **kwargs: Any) -> Any:
-        # The plan comes as a forward argument where the caller passes one (the UNet families, so
-        # that a compiled forward traces it), else from the context variable.
+        # The plan comes as a forward argument where the caller passes one (the UNet families and
+        # the flow transformers that hand attention kwargs on, so that a compiled forward traces
+        # it), else from the context variable.
         plan = _PLAN.get() if row_plan is UNSET else row_plan
         if plan is not None and (attn in plan.probes or attn in plan.attention):
             kwargs = {**dict(zip(self.positional, args)), **kwargs}
