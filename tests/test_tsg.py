@@ -37,19 +37,19 @@ def test_only_the_tsg_rows_are_perturbed_and_noise_is_fresh_each_step(sd_pair) -
     outputs = []
     real_forward = guided.unet.time_embedding.forward
     seen, spy = _spy_time_embedding(guided)
-    from guidance_engine.pipelines import common
-    original = common.active
+    from guidance_engine.pipelines import branches
+    original = branches.active
 
     def recording(plan):  # the row plan of each forward: which rows get time noise
         if plan.time:
             outputs.append([(a, b, float(branch.time_noise)) for a, b, branch in plan.time])
         return original(plan)
 
-    common.active = recording
+    branches.active = recording
     try:
         out = guided(PROMPT, num_inference_steps=4, guidance=TSG(t_min=0.0), generator=seeded(0), output_type="latent")
     finally:
-        common.active = original
+        branches.active = original
         spy.remove()
     assert out.nfe == 8 and len(outputs) == 4 and len(seen) == 4
     assert all(spans == [(0, 1, spans[0][2])] for spans in outputs)  # rows [0, 1): the tsg branch only
