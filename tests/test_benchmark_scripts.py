@@ -1,6 +1,6 @@
 """The performance benchmarks run end to end: benchmarks/gpu.py in its CPU smoke mode (and its
 refusals), benchmarks/cli_start.py in a one-run, two-step check, benchmarks/overhead.py in a
-two-repeat, two-step one. Each runs as a subprocess, as a
+two-repeat, two-step one, benchmarks/step_counts.py on DDIM. Each runs as a subprocess, as a
 user runs it; the checks are on what it prints last (one line of JSON) and on the file it writes."""
 
 from __future__ import annotations
@@ -122,3 +122,16 @@ def test_overhead_quick_run_pairs_every_path_and_holds_the_network_time_equal() 
     for row in rows:
         whole, network = float(row[3]), float(row[4])
         assert 0 < network < whole
+
+
+def test_step_counts_quick_run_counts_ops_and_calls_of_every_path() -> None:
+    """benchmarks/step_counts.py (DDIM, 2- vs 4-step runs): stock and both engine paths counted;
+    the counts are the machine-independent ones tests/test_host_syncs.py bounds."""
+    done = run_script("benchmarks/step_counts.py", "--steps", "2", "--schedulers", "ddim")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    counts = summary["counts"]
+    assert set(counts) == {"ddim/stock", "ddim/engine (scheduler.step)", "ddim/engine (ddim solver)"}
+    stock_ops, stock_calls = counts["ddim/stock"]
+    assert stock_ops > 20 and stock_calls > 30  # the scheduler's ops, the loop's calls
+    assert summary["max_extra_ops"] <= 3 and summary["max_extra_calls"] <= 100
