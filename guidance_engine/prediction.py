@@ -11,12 +11,33 @@ bit-identical to the stock diffusers pipelines, and give the same x0 and eps as 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 PredictionType = Literal["epsilon", "v_prediction", "flow", "sample"]
+
+
+class computed_once:  # noqa: N801 (used as a decorator, like functools.cached_property)
+    """A property computed on first read and kept in the instance's ``__dict__`` (later reads
+    find it there, without this descriptor). ``functools.cached_property`` without the lock it
+    takes on each first read before Python 3.12: a prediction is made and read within one step of
+    one run, and these reads are on every step's path."""
+
+    def __init__(self, function: Callable[[Any], Any]) -> None:
+        self.function = function
+        self.name = function.__name__
+        self.__doc__ = function.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = self.function(instance)
+        instance.__dict__[self.name] = value  # a frozen dataclass: its __dict__, not setattr
+        return value
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "flow", "sample")
 
 
@@ -56,7 +77,7 @@ class Prediction:
         once: x0 and eps, which a solver step reads both of, share them)."""
         return self._coefficients
 
-    @cached_property
+    @computed_once
     def _coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         work = torch.promote_types(self.output.dtype, torch.float32)
         out = self.output.to(work)
@@ -65,7 +86,7 @@ class Prediction:
         s = per_sample(self.sigma_t, out).to(work)
         return out, x, a, s
 
-    @cached_property
+    @computed_once
     def x0(self) -> torch.Tensor:
         """The denoised estimate (what k-diffusion calls ``denoised``)."""
         m, x, a, s = self.coefficients()
@@ -77,7 +98,7 @@ class Prediction:
             return x - s * m
         return m
 
-    @cached_property
+    @computed_once
     def eps(self) -> torch.Tensor:
         """The noise estimate, as used to renoise."""
         m, x, a, s = self.coefficients()

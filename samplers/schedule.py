@@ -39,7 +39,7 @@ class NoiseSchedule:
         # The per-step scalars as Python floats, read off the tensors once per run: a step then
         # reads nothing from a device (each float(tensor[i]) would be a host sync on a GPU).
         for name in ("timesteps", "alpha_t", "sigma_t", "alpha_t_next", "sigma_t_next"):
-            object.__setattr__(self, f"_{name}", tuple(float(v) for v in getattr(self, name).tolist()))
+            object.__setattr__(self, f"_{name}", tuple(map(float, getattr(self, name).tolist())))
 
     @property
     def num_steps(self) -> int:
