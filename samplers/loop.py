@@ -455,6 +455,8 @@ class _SolverRun:
         self.history: tuple[torch.Tensor, float] | None = None
         self.order = 1
         self.train_timesteps = source.config.get("num_train_timesteps") if self.schedule.flow else None
+        # k-diffusion sigmas of every step and of the level it moves to, read at every step
+        self._ratios, self._ratios_next = self.schedule.ratios()
 
     def begin_at(self, index: int) -> None:
         """Start at step ``index`` (img2img): nothing to set for the core's solvers."""
@@ -467,10 +469,10 @@ class _SolverRun:
         return (a * clean.double() + s * noise.double()).to(clean.dtype)
 
     def ratio(self, i: int) -> float:
-        return self.schedule.ratio(i)
+        return self._ratios[i]
 
     def ratio_next(self, i: int) -> float:
-        return self.schedule.ratio_next(i)
+        return self._ratios_next[i]
 
     def level_tensors(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(alpha_t, sigma_t) of every step as float64 0-d tensors on ``device``, made at once."""

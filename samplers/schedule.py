@@ -64,6 +64,11 @@ class NoiseSchedule:
     def ratio_next(self, i: int) -> float:
         return _ratio(*self.levels_next(i))
 
+    def ratios(self) -> tuple[list[float], list[float]]:
+        """:meth:`ratio` and :meth:`ratio_next` of every step, made at once (read at every step)."""
+        return ([math.inf if a == 0 else s / a for a, s in zip(self._alpha_t, self._sigma_t)],
+                [math.inf if a == 0 else s / a for a, s in zip(self._alpha_t_next, self._sigma_t_next)])
+
 
 def _ratio(alpha: float, sigma: float) -> float:
     return math.inf if alpha == 0 else sigma / alpha

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -210,3 +211,15 @@ def test_resampling_moves_latents_solver_history_and_method_state_together(sampl
     plain = _run(APG(scale=4.0, momentum=-0.5), scheduler, sampler, steps=6)
     swapped = _run(SwapAtStep(scale=4.0, momentum=-0.5), scheduler, sampler, steps=6)
     torch.testing.assert_close(swapped.x, plain.x.flip(0), atol=1e-6, rtol=1e-6)
+
+
+def test_the_schedule_ratios_made_at_once_equal_the_per_step_ones() -> None:
+    """``NoiseSchedule.ratios()`` (what the core's solvers read at each step) == ``ratio(i)`` and
+    ``ratio_next(i)``, the pure-noise start of a flow schedule (inf) included."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    for scheduler in (DDIMScheduler(**SD_BETAS), FlowMatchEulerDiscreteScheduler(shift=3.0)):
+        schedule = schedule_from_scheduler(scheduler, 7)
+        ratios, ratios_next = schedule.ratios()
+        assert ratios == [schedule.ratio(i) for i in range(7)]
+        assert ratios_next == [schedule.ratio_next(i) for i in range(7)]
+    assert math.isinf(schedule_from_scheduler(FlowMatchEulerDiscreteScheduler(), 4).ratios()[0][0])
