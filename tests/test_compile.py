@@ -17,19 +17,25 @@ from torch._dynamo.utils import counters  # noqa: E402
 CALL = dict(num_inference_steps=2, output_type="latent")
 
 
-def _compiled_run(pipe, guidance):
-    plain = pipe.unet
+def _compiled(pipe, network: str, run):
+    """``run()`` with ``pipe.<network>`` compiled (dynamo, eager backend), the network put back
+    after: (its images, the graph breaks by reason, the number of graphs)."""
+    plain = getattr(pipe, network)
     dynamo.reset()
     counters.clear()
-    pipe.unet = torch.compile(plain, backend="eager")
+    setattr(pipe, network, torch.compile(plain, backend="eager"))
     try:
-        images = pipe(PROMPT, guidance=guidance, generator=seeded(0), **CALL).images
+        images = run()
     finally:
-        pipe.unet = plain
+        setattr(pipe, network, plain)
         reasons = dict(counters["graph_break"])
         graphs = counters["stats"]["unique_graphs"]
         dynamo.reset()
     return images, reasons, graphs
+
+
+def _compiled_run(pipe, guidance):
+    return _compiled(pipe, "unet", lambda: pipe(PROMPT, guidance=guidance, generator=seeded(0), **CALL).images)
 
 
 def test_cfg_compiles_into_one_graph_and_equals_the_uncompiled_run(sd_pair) -> None:
@@ -73,20 +79,11 @@ def _flow_pipe(family: str):
 
 
 def _compiled_transformer_run(pipe, call, guidance, steps):
-    plain = pipe.transformer
-    dynamo.reset()
-    counters.clear()
-    pipe.transformer = torch.compile(plain, backend="eager")
-    try:
+    def run():
         with torch.no_grad():
-            images = pipe(prompt=PROMPT, guidance=guidance, generator=seeded(0), num_inference_steps=steps,
-                          **call).images
-    finally:
-        pipe.transformer = plain
-        reasons = dict(counters["graph_break"])
-        graphs = counters["stats"]["unique_graphs"]
-        dynamo.reset()
-    return images, reasons, graphs
+            return pipe(prompt=PROMPT, guidance=guidance, generator=seeded(0), num_inference_steps=steps,
+                        **call).images
+    return _compiled(pipe, "transformer", run)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwen"])

@@ -7,9 +7,10 @@ so that per-call reads (the initial noise check, the one end-of-run NaN check) c
 from __future__ import annotations
 
 import collections
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import PROMPT, quiet, seeded
@@ -65,36 +66,13 @@ def test_the_engine_adds_no_host_read_per_step_to_the_stock_pipeline(build) -> N
     assert reads_per_step(guided, guidance="apg", **call) <= stock_reads  # a stateful method too
 
 
-class OpsOutside(TorchDispatchMode):
-    """Counts the tensor ops run outside ``network``'s forwards (the sampler's own per-step work)."""
-
-    def __init__(self, network: torch.nn.Module) -> None:
-        super().__init__()
-        self.count = 0
-        self._depth = 0
-        self._hooks = [network.register_forward_pre_hook(lambda *_: self._enter(1)),
-                       network.register_forward_hook(lambda *_: self._enter(-1))]
-
-    def _enter(self, step: int) -> None:
-        self._depth += step
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += self._depth == 0
-        return func(*args, **(kwargs or {}))
-
-    def __exit__(self, *exc):
-        for hook in self._hooks:
-            hook.remove()
-        return super().__exit__(*exc)
-
-
-def ops_per_step(pipe, **call) -> float:
-    totals = []
-    for steps in (3, 6):
-        with OpsOutside(pipe.unet) as ops:
-            pipe(PROMPT, num_inference_steps=steps, generator=seeded(0), output_type="latent", **call)
-        totals.append(ops.count)
-    return (totals[1] - totals[0]) / 3
+def _step_counts():
+    """benchmarks/step_counts.py's counters (the benchmark and these bounds count alike)."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import step_counts
+    return step_counts
 
 
 def test_the_engine_adds_at_most_three_tensor_ops_per_step_to_the_stock_pipeline() -> None:
@@ -102,36 +80,24 @@ def test_the_engine_adds_at_most_three_tensor_ops_per_step_to_the_stock_pipeline
     three, the latents' concatenation and split), the engine's path through ``scheduler.step``
     adds the NaN/inf note (one sum) and its level views; its own DDIM solver runs fewer in all.
     Each op is a kernel launch on a GPU and microseconds of dispatch on a CPU."""
+    ops_per_step = _step_counts().ops_per_step
     stock, guided, _ = _sd()
-    stock_ops = ops_per_step(stock)
+    stock_ops = ops_per_step(stock, 3)
     assert stock_ops > 20  # the count sees the scheduler's ops
-    assert ops_per_step(guided) <= stock_ops + 3
-    assert ops_per_step(guided, sampler="ddim") < stock_ops
-
-
-def python_calls_per_step(pipe, **call) -> float:
-    import cProfile
-    import pstats
-    pipe(PROMPT, num_inference_steps=2, generator=seeded(0), output_type="latent", **call)  # lazy imports done
-    totals = []
-    for steps in (3, 6):
-        profile = cProfile.Profile()
-        profile.enable()
-        pipe(PROMPT, num_inference_steps=steps, generator=seeded(0), output_type="latent", **call)
-        profile.disable()
-        totals.append(pstats.Stats(profile).total_calls)
-    return (totals[1] - totals[0]) / 3
+    assert ops_per_step(guided, 3) <= stock_ops + 3
+    assert ops_per_step(guided, 3, sampler="ddim") < stock_ops
 
 
 def test_the_engine_adds_at_most_a_hundred_python_calls_per_step_to_the_stock_pipeline() -> None:
     """Python work per step, beside the network's: function calls (cProfile's count, builtins
-    included; the UNet's own, the same in both, cancel out) of a CFG step through
-    ``scheduler.step``, engine against stock. The stock DDIM loop makes about 70; the engine, whose
-    step goes through the method, the branch model and the row plan, about 140 (221 before
-    session 12's cuts). After a real forward, whose code and data have
-    evicted the caches, each call costs several times what it costs in a tight loop, so these are
-    what the engine adds to a step of a small model (docs/benchmarks.md)."""
+    included, the UNet's forward answering at once) of a CFG step through ``scheduler.step``,
+    engine against stock. The stock DDIM loop makes about 70; the engine, whose step goes through
+    the method, the branch model and the row plan, about 140 (221 before session 12's cuts).
+    After a real forward, whose code and data have evicted the caches, each call costs several
+    times what it costs in a tight loop, so these are what the engine adds to a step of a small
+    model (docs/benchmarks.md)."""
+    calls_per_step = _step_counts().calls_per_step
     stock, guided, _ = _sd()
-    stock_calls = python_calls_per_step(stock)
+    stock_calls = calls_per_step(stock, 3)
     assert stock_calls > 30
-    assert python_calls_per_step(guided) <= stock_calls + 100
+    assert calls_per_step(guided, 3) <= stock_calls + 100
