@@ -126,7 +126,9 @@ def test_the_console_script_exits_with_mains_code_after_the_exit_handlers(tmp_pa
     assert listed.returncode == 0 and listed.stdout == methods_listing() + "\n"
     assert marker.read_text() == "yes"
     marker.unlink()
+    # in an empty folder: the default output name (out.png) must not exist already, as it does in a
+    # checkout where the README's first command ran
     refused = subprocess.run([sys.executable, "-c", script, "generate", "a red circle", "--steps", "0"],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert refused.returncode == 2 and "guidance-engine: error: --steps" in refused.stderr
     assert marker.read_text() == "yes"
