@@ -14,8 +14,8 @@ from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, Per
 
 from .context_attention import BoundContext
 from .perturbation import resolve_layers
-from .row_plan import (PLAN_ARGUMENT, PLAN_KWARG, RowPlan, active, current, install_block, install_processor,
-                       install_time_hook, original_processor)
+from .row_plan import (PLAN_ARGUMENT, PLAN_KWARG, PlanTimeForward, RowPlan, TimeCondition, active, current,
+                       draw_time_noise, install_block, install_processor, install_time_hook, original_processor)
 from .shuffle import BLOCK_KINDS
 
 __all__ = ["NetworkBranches", "UNetBranches"]
@@ -328,9 +328,23 @@ class NetworkBranches:
         with self.altered(model, x_in, spans) as plan:
             if extra is not None:
                 x_in = torch.cat([x_in, extra], dim=1)
+            if plan is not None and plan.time:
+                timestep_cond = self._time_condition(model, plan, timestep_cond)
             return model(x_in, timestep, encoder_hidden_states=stacked("encoder_hidden_states"),
                          timestep_cond=timestep_cond, added_cond_kwargs=added,
                          cross_attention_kwargs=self._attention_kwargs(model, plan), return_dict=False)[0]
+
+    def _time_condition(self, model, plan: RowPlan, timestep_cond: torch.Tensor | None) -> Any:
+        """TSG's plan as the UNet's ``timestep_cond`` (:class:`~.row_plan.TimeCondition`, which
+        the time-embedding MLP's dispatcher unwraps), its noise drawn before the forward: a compiled
+        UNet traces both. Stays ``timestep_cond`` where the MLP's width is unknown (the dispatcher
+        then reads the plan from the context)."""
+        mlp = model.time_embedding  # a compiled wrapper's attribute is its module's
+        width = getattr(getattr(mlp, "linear_2", None), "out_features", None)
+        if not isinstance(width, int) or not isinstance(vars(mlp).get("forward"), PlanTimeForward):
+            return timestep_cond
+        draw_time_noise(plan, width)
+        return TimeCondition(plan, timestep_cond)
 
     def _attention_kwargs(self, model, plan: RowPlan | None) -> dict[str, Any] | None:
         """The call's attention kwargs (a UNet's ``cross_attention_kwargs``, a flow transformer's

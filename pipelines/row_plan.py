@@ -7,7 +7,7 @@ the forward's duration, so each thread (and each asyncio task) sees its own plan
 
 The network carries dispatchers, installed once (under a lock) on the layers a plan first
 touches: an attention layer's processor is wrapped by a :class:`PlanProcessor`, a transformer
-block's forward by a :class:`PlanBlockForward`, a time-embedding MLP gets a forward hook. Without
+block's forward by a :class:`PlanBlockForward`, a time-embedding MLP's by a :class:`PlanTimeForward`. Without
 a plan naming their layer they call exactly what they wrap, with the same arguments, so every
 other call (a plain CFG run, a stock pipeline sharing the components) computes what it computed
 before; with one they alter the plan's rows only. Nothing is swapped per call, so there is
@@ -43,9 +43,10 @@ from .attention_probe import record_attention
 from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 from .shuffle import shuffling_forward
 
-__all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "UNSET", "PlanBlockForward", "PlanProcessor",
-           "RowPlan", "active", "current", "dispatcher_class", "image_tokens", "install_block",
-           "install_processor", "install_time_hook", "original_processor", "passed_plan", "unwrapped"]
+__all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "PlanTimeForward",
+           "RowPlan", "TimeCondition", "UNSET", "active", "current", "dispatcher_class", "draw_time_noise",
+           "image_tokens", "install_block", "install_processor", "install_time_hook", "original_processor",
+           "passed_plan", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
@@ -60,12 +61,11 @@ ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs")
 _PLAN: ContextVar["RowPlan | None"] = ContextVar("guidance_engine_row_plan", default=None)
 _TOKENS: ContextVar[ImageTokens | None] = ContextVar("guidance_engine_image_tokens", default=None)
 _INSTALL = threading.Lock()
-# Plans with TSG's time noise in force, over all threads: while none is, the time-embedding hook
+# Plans with TSG's time noise in force, over all threads: while none is, the time-embedding dispatcher
 # returns at once, without reading the context variable (which a compiled forward cannot trace);
 # while one is, each forward's hook reads its own context's plan.
 _TIME_PLANS = 0
 _COUNT = threading.Lock()
-_TIME_HOOKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @dataclass
@@ -86,6 +86,8 @@ class RowPlan:
     time_modules: set[nn.Module] = field(default_factory=set)
     #: TSG's noise, drawn once per forward and span, added wherever the embedding is computed
     drawn: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: TSG's strength of each span as a 0-d tensor, where drawn before the forward (:func:`draw_time_noise`)
+    strength: dict[int, torch.Tensor] = field(default_factory=dict)
     tokens: ImageTokens | None = None
     #: NAG's negative text streams on joint attention (the forward's partner rows, as
     #: :class:`~.joint_context_attention.NegativeRows`), for the layers and block hooks to read
@@ -281,26 +283,65 @@ def install_block(block: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- time embedding
-def _time_noise_hook(module: nn.Module, inputs: Any, emb: torch.Tensor) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class TimeCondition:
+    """A UNet's ``timestep_cond`` argument carrying the row plan to its time-embedding MLP, which
+    the UNet calls as ``time_embedding(t_emb, timestep_cond)`` and nothing else reads: a compiled
+    forward traces an argument, where the context variable would break its graph.
+    ``condition``: the real ``timestep_cond`` (a guidance-distilled UNet's embedded scale) or None."""
+
+    plan: RowPlan
+    condition: torch.Tensor | None = None
+
+
+def draw_time_noise(plan: RowPlan, width: int) -> None:
+    """Draw each TSG span's noise now, ``[rows, width]`` (what the time-embedding dispatcher would
+    draw at the forward's first embedding, from the same generators in the same order), and its
+    strength as a 0-d float32 tensor: a compiled forward can take neither a generator nor a new
+    float per step without breaking or recompiling."""
+    for i, (start, end, branch) in enumerate(plan.time):
+        plan.drawn[i] = torch.randn((end - start, width), generator=branch.generator, dtype=torch.float32)
+        plan.strength[i] = torch.tensor(branch.time_noise, dtype=torch.float32)
+
+
+def _noised(module: nn.Module, plan: RowPlan | None, emb: torch.Tensor) -> torch.Tensor:
     """Add each TSG span's noise (drawn once per forward, scaled by this embedding's std) to its
     rows of the embedding; without a plan for this module the output is left as it is."""
-    if _TIME_PLANS == 0:
-        return None
-    plan = _PLAN.get()
     if plan is None or not plan.time or module not in plan.time_modules:
-        return None
+        return emb
     emb = emb.clone()
     for i, (start, end, branch) in enumerate(plan.time):
         rows = emb[start:end]
         if i not in plan.drawn:
             plan.drawn[i] = torch.randn(rows.shape, generator=branch.generator, dtype=torch.float32)
-        emb[start:end] = rows + branch.time_noise * rows.float().std() * plan.drawn[i].to(rows)
+        # float32(s) * std, as the Python float s times the float32 std computes it
+        strength = plan.strength.get(i, branch.time_noise)
+        emb[start:end] = rows + strength * rows.float().std() * plan.drawn[i].to(rows)
     return emb
 
 
+class PlanTimeForward:
+    """A time-embedding MLP's forward behind a dispatcher: the module's own forward, then TSG's
+    noise on the rows the plan names. The plan comes as a :class:`TimeCondition` in the second
+    argument (a UNet's ``timestep_cond``), else from the context variable; while no TSG plan is in
+    force anywhere, the output is returned without that lookup."""
+
+    def __init__(self, module: nn.Module, forward: Callable) -> None:
+        self.module = module
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > 1 and isinstance(args[1], TimeCondition):
+            carried = args[1]
+            return _noised(self.module, carried.plan, self.forward(args[0], carried.condition, *args[2:], **kwargs))
+        emb = self.forward(*args, **kwargs)
+        if _TIME_PLANS == 0:
+            return emb
+        return _noised(self.module, _PLAN.get(), emb)
+
+
 def install_time_hook(module: nn.Module) -> None:
-    """Hook ``module`` (a time-embedding MLP) once."""
+    """Put a dispatcher in front of ``module.forward`` (a time-embedding MLP), once."""
     with _INSTALL:
-        if module not in _TIME_HOOKED:
-            module.register_forward_hook(_time_noise_hook)
-            _TIME_HOOKED.add(module)
+        if not isinstance(vars(module).get("forward"), PlanTimeForward):
+            module.forward = PlanTimeForward(module, module.forward)

@@ -2,7 +2,8 @@
 traced and where it breaks, without a compiler toolchain): CFG compiles into one graph with no
 graph break and gives the uncompiled images bit for bit; PAG's row-aware processors take the row
 plan as a forward argument, so PAG too compiles into one graph with no break and the same images,
-and CFG on a UNet that PAG has run on stays unbroken (documented in docs/benchmarks.md)."""
+and CFG on a UNet that PAG has run on stays unbroken; TSG's plan and noise reach the time
+embedding as arguments, so it too compiles without a break (documented in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def test_pag_compiles_into_one_graph_and_equals_the_uncompiled_run(sd_pair) -> N
     cfg_got, reasons, graphs = _compiled_run(guided, "cfg")  # its dispatchers installed, no plan
     assert torch.equal(cfg_got, cfg_want)
     assert not reasons and graphs == 1
+
+
+def test_tsg_takes_its_plan_and_noise_as_arguments_under_compile(sd_pair) -> None:
+    """TSG's plan reaches the UNet's time-embedding MLP as its ``timestep_cond`` argument, with the
+    noise drawn and the strength made a tensor before the forward: no graph break (before: one per
+    TSG step, the context-variable lookup), the uncompiled latents bit for bit, and one graph for
+    every step that perturbs (a new strength each step is an input, not a recompile)."""
+    _, guided = sd_pair
+    for spec, layouts in (({"name": "tsg", "t_min": 0.0}, 1), ({"name": "tsg"}, 2)):  # default: 2 of 4 steps in
+        want = guided(PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=4, output_type="latent").images
+        got, reasons, graphs = _compiled(guided, "unet", lambda: guided(
+            PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=4, output_type="latent").images)
+        assert torch.equal(got, want)
+        assert not reasons and graphs == layouts  # 3 rows a step inside the window, 2 outside
 
 
 # --------------------------------------------------------------------------- flow transformers
