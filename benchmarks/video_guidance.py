@@ -65,13 +65,22 @@ def main() -> None:
     parser.add_argument("--stg-scale", type=float, default=1.0, help="STG's w")
     parser.add_argument("--stg-layer", type=int, default=2, help="the Wan block STG skips (the model has 4)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default=VIDEO_SHORTHAND,
+                        help="the Wan checkpoint directory (default: the shipped video model)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated row labels' first words to run (e.g. 'unguided,CFG'); default all")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(VIDEO_SHORTHAND)
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier("eval")
     table = methods(args.scale, args.stg_scale, args.stg_layer)
+    if args.methods:
+        wanted = [w.strip() for w in args.methods.split(",")]
+        table = {label: m for label, m in table.items() if label.split()[0] in wanted}
+        if not table:
+            parser.error(f"--methods: none of {wanted} starts a row label (unguided, CFG, STG, APG, AG)")
     seeds = list(range(args.seeds))
     size = {"num_frames": moving_shapes.NUM_FRAMES, "height": moving_shapes.IMAGE_SIZE,
             "width": moving_shapes.IMAGE_SIZE}
@@ -93,7 +102,7 @@ def main() -> None:
     for label in table:
         rows.append({"method": label, "guidance": table[label], **summarize(scores[label]),
                      "nfe": float(np.mean(nfes[label])), "sec_per_clip": seconds[label] / len(scores[label]),
-                     "time_vs_cfg": seconds[label] / seconds[cfg_label]})
+                     "time_vs_cfg": seconds[label] / seconds[cfg_label] if cfg_label in seconds else None})
     print(f"default video model: {len(DEFAULT_PROMPTS)} prompts x {args.seeds} seeds, {args.steps} steps, "
           f"{size['num_frames']} frames of {size['width']} x {size['height']}, scale {args.scale:g}; chance: shape "
           f"0.33, colour 0.25, direction 0.25; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, "
@@ -101,7 +110,8 @@ def main() -> None:
     print(format_table(rows))
     print(strict_json.dumps({"benchmark": "video_guidance", "steps": args.steps, "seeds": args.seeds,
                              "prompts": len(DEFAULT_PROMPTS), "scale": args.scale, "stg_scale": args.stg_scale,
-                             "stg_layer": args.stg_layer, "threads": args.threads, "cpu": platform.processor() or
+                             "stg_layer": args.stg_layer, "threads": args.threads, "model": str(args.model),
+                             "cpu": platform.processor() or
                              platform.machine(), "load_average": [load_before[0], load_after[0]],
                              "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}))
 

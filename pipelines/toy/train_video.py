@@ -77,6 +77,8 @@ TRAIN_TOKENS = 16
 TEXT_HIDDEN = 64
 LATENT_CHANNELS = 16
 UNCOND_PROBABILITY = 0.15
+#: The VAE's spatial down-sampling factors :func:`build_models` builds (32 x 32 frames: 8 x 8 or 4 x 4 latents).
+SPATIAL_FACTORS = (4, 8)
 #: The sampling schedule's shift (UniPC ``flow_shift``), also the shift of the training sigmas.
 FLOW_SHIFT = 3.0
 
@@ -88,8 +90,10 @@ def build_tokenizer():
     return build_tiny_umt5_tokenizer(moving_shapes.VOCABULARY)
 
 
-def build_models(tokenizer, seed: int = 0):
-    """Fresh (text_encoder, vae, transformer), initialised from ``seed`` (see the module docstring)."""
+def build_models(tokenizer, seed: int = 0, spatial_factor: int = 8):
+    """Fresh (text_encoder, vae, transformer), initialised from ``seed`` (see the module docstring);
+    ``spatial_factor`` 8 (4 x 4 latents a frame: the shipped model's) or 4 (8 x 8: no patches,
+    the VAE on whole pixels; docs/video.md, "A VAE of spatial factor 4")."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -98,11 +102,15 @@ def build_models(tokenizer, seed: int = 0):
         vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_kv=16, d_ff=2 * TEXT_HIDDEN, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id))
-    # 2 x 2 pixel patches, then two stages (x 2 in space and time each): spatial factor 8, temporal 4
+    if spatial_factor not in SPATIAL_FACTORS:
+        raise ValueError(f"spatial_factor: must be one of {SPATIAL_FACTORS}, got {spatial_factor!r}")
+    # two stages (x 2 in space and time each): spatial factor 4, temporal 4; on 2 x 2 pixel
+    # patches (Wan 2.2's patch_size=2: 12 channels in and out) spatial factor 8
+    patch = {"patch_size": 2, "in_channels": 12, "out_channels": 12} if spatial_factor == 8 else {}
     vae = AutoencoderKLWan(
         base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-        latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS, patch_size=2, in_channels=12,
-        out_channels=12, scale_factor_temporal=4, scale_factor_spatial=8)
+        latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS, scale_factor_temporal=4,
+        scale_factor_spatial=spatial_factor, **patch)
     transformer = WanTransformer3DModel(
         patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=16, in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS, text_dim=TEXT_HIDDEN, freq_dim=64, ffn_dim=256, num_layers=4,
@@ -185,7 +193,7 @@ def check_padded_context(tokenizer, text_encoder, transformer, texts: list[str],
     """The largest difference between the transformer's output on the stock 512-token zero-padded
     context and on the short context with the bias; RuntimeError above ``tolerance``."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(len(texts), LATENT_CHANNELS, 3, 4, 4, generator=gen)
+    x = torch.randn(len(texts), LATENT_CHANNELS, 3, 4, 4, generator=gen)  # any latent grid: the check is the context
     sigma = torch.rand(len(texts), generator=gen)
     short, bias = encode_captions(tokenizer, text_encoder, texts)
     full = torch.cat([short, short.new_zeros(len(texts), STOCK_TOKENS - TRAIN_TOKENS, short.shape[2])], 1)
@@ -277,6 +285,23 @@ def data_latents(vae, clips: np.ndarray, batch: int = 64) -> torch.Tensor:
     """The VAE posterior's mean of every clip, ``[N, 16, 3, 4, 4]``."""
     return torch.cat([vae.encode(_clip_tensor(clips[i:i + batch])).latent_dist.mode()
                       for i in range(0, len(clips), batch)])
+
+
+@torch.no_grad()
+def reconstruction_scores(vae, n: int = 96, seed: int = 7) -> dict[str, float]:
+    """How much of a clip survives the VAE: ``n`` held-out data-set clips (``make_dataset(n, seed)``)
+    encoded (posterior mean) and decoded, scored by :mod:`.video_evaluation` against their captions
+    (``acc_shape``, ``acc_color``, ``acc_direction``, ``acc_background``, ``alignment``, ``travel``).
+    No generated clip can score above its VAE's reconstructions."""
+    from .video_evaluation import load_classifier, score_clips, summarize
+
+    clips, captions, _ = moving_shapes.make_dataset(n, seed)
+    rec = torch.cat([vae.decode(vae.encode(_clip_tensor(clips[i:i + 16])).latent_dist.mode()).sample
+                     for i in range(0, n, 16)])
+    frames = rec.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    classifier = load_classifier("eval")
+    scores = [score_clips(frames[i:i + 1], captions[i], classifier)[0] for i in range(n)]
+    return summarize(scores)
 
 
 def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tensor,
@@ -388,7 +413,7 @@ def train(args: argparse.Namespace) -> Path:
     work = Path(args.work or f"{out}.work")
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    text_encoder, vae, transformer = build_models(tokenizer, args.seed)
+    text_encoder, vae, transformer = build_models(tokenizer, args.seed, args.spatial_factor)
     error = check_padded_context(tokenizer, text_encoder, transformer,
                                  ["a red circle moving right on a blue background", ""])
     print(f"padded-context check: max difference {error:.2e} from the stock 512-token context")
@@ -411,6 +436,10 @@ def train(args: argparse.Namespace) -> Path:
         torch.save({"vae": vae.state_dict(), "gen": gen.get_state(), "losses": losses, "seconds": vae_seconds},
                    vae_path)
     vae.requires_grad_(False)
+    vae_scores = reconstruction_scores(vae)
+    print(f"VAE reconstructions of held-out clips: {strict_json.dumps(vae_scores)}")
+    if args.vae_only:
+        return work
     mean = data_latents(vae, clips)
     # the pipeline decodes z * latents_std + latents_mean: the transformer works in (z - mean) / std
     channel_mean = mean.mean(dim=(0, 2, 3, 4))
@@ -442,7 +471,8 @@ def train(args: argparse.Namespace) -> Path:
             "uncond_probability": UNCOND_PROBABILITY, "threads": args.threads, "fp16": bool(args.fp16),
             "decoder_steps": args.decoder_steps, "decoder_noise": args.decoder_noise,
             "padded_context_error": error, "vae_seconds": vae_seconds, "transformer_seconds": seconds,
-            "decoder_seconds": decoder_seconds,
+            "decoder_seconds": decoder_seconds, "spatial_factor": args.spatial_factor,
+            "vae_reconstruction_scores": vae_scores,
             "final_losses_last100": final}
     (work / "train_info.json").write_text(strict_json.dumps(info, indent=2))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
@@ -458,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="reuse <work>/vae_stage.pt: train the transformer only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=6000, help="clips in the training set")
+    p.add_argument("--spatial-factor", type=int, choices=SPATIAL_FACTORS, default=8,
+                   help="the VAE's spatial down-sampling: 8 (4 x 4 latents a frame, the shipped model) or 4 (8 x 8)")
+    p.add_argument("--vae-only", action="store_true", help="stop after the VAE stage (and its reconstruction scores)")
     p.add_argument("--vae-steps", type=int, default=500)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
