@@ -5,20 +5,20 @@ blocks, an attention map read, noise on the time embedding). That alteration is 
 :class:`RowPlan`, an argument of the forward: :func:`active` holds it in a context variable for
 the forward's duration, so each thread (and each asyncio task) sees its own plan and no other.
 
-The network carries dispatchers, installed once (under a lock) on the layers a plan first
-touches: an attention layer's processor is wrapped by a :class:`PlanProcessor`, a transformer
-block's forward by a :class:`PlanBlockForward`, a time-embedding MLP's by a :class:`PlanTimeForward`. Without
-a plan naming their layer they call exactly what they wrap, with the same arguments, so every
-other call (a plain CFG run, a stock pipeline sharing the components) computes what it computed
-before; with one they alter the plan's rows only. Nothing is swapped per call, so there is
-nothing to restore when a forward raises, and concurrent calls on one pipeline cannot see each
-other's alterations.
+The network carries dispatchers, installed once (under a lock) on the layers a plan first touches:
+an attention layer's processor is wrapped by a :class:`PlanProcessor`, a transformer block's forward
+by a :class:`PlanBlockForward`, a time-embedding MLP's by a :class:`PlanTimeForward`. Without a plan
+naming their layer they call exactly what they wrap, with the same arguments, so every other call (a
+plain CFG run, a stock pipeline sharing the components) computes what it computed before; with one
+they alter the plan's rows only. Nothing is swapped per call, so there is nothing to restore when a
+forward raises, and concurrent calls on one pipeline cannot see each other's alterations.
 
 Where the network hands its attention kwargs on to every block and processor (the UNets'
 ``cross_attention_kwargs``; SD3's, Flux's, Chroma's, Flux.2's and Qwen-Image's
 ``joint_attention_kwargs``), the plan also travels there, as ``row_plan``, once a plan has run on
 the model (every attention layer then has a pass-through dispatcher that takes it): a compiled
-forward traces an argument, where a context-variable lookup would break its graph.
+forward traces an argument, where a context-variable lookup would break its graph. TSG's plan
+reaches a UNet's time-embedding MLP the same way, as its ``timestep_cond`` (:class:`TimeCondition`).
 
 A flow transformer's branch model also says where the generated image's tokens sit in its
 sequences (an :class:`~.perturbation.ImageTokens`), when they are not Flux's 2 x 2 latent patches
@@ -63,7 +63,7 @@ _TOKENS: ContextVar[ImageTokens | None] = ContextVar("guidance_engine_image_toke
 _INSTALL = threading.Lock()
 # Plans with TSG's time noise in force, over all threads: while none is, the time-embedding dispatcher
 # returns at once, without reading the context variable (which a compiled forward cannot trace);
-# while one is, each forward's hook reads its own context's plan.
+# while one is, each forward's dispatcher reads its own context's plan (or the one passed to it).
 _TIME_PLANS = 0
 _COUNT = threading.Lock()
 

@@ -1,4 +1,4 @@
-"""TSG: the perturbation reaches only its rows, is redrawn every step, and leaves the model intact (one\ninert dispatcher hook, installed once)."""
+"""TSG: the perturbation reaches only its rows, is redrawn every step, and leaves the model intact (one\ninert dispatcher on the time embedding, installed once)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ on the time-step embedding after its MLP (class or text-time embeddings are adde
 afterwards), only for t in [t_min, t_max] (0-1000 units). The unit of t in t^alpha is not stated
 in the paper: we use t / 1000 in [0, 1]. Defaults: Table 11, Stable Diffusion conditional
 ("power" schedule): w 4.0, window [400, 1000], s 3.0, alpha 0.25; alpha 0 is the "constant"
-schedule. The perturbed branch is rows of the one batched forward: a hook on the time embedding
-alters those rows only and is removed when the forward ends. Works without a condition too.
+schedule. The perturbed branch is rows of the one batched forward: a dispatcher on the time
+embedding (installed once, inert without a TSG plan) alters those rows only. Works without a
+condition too.
 """
 
 from __future__ import annotations
