@@ -66,8 +66,8 @@ class NoiseSchedule:
 
     def ratios(self) -> tuple[list[float], list[float]]:
         """:meth:`ratio` and :meth:`ratio_next` of every step, made at once (read at every step)."""
-        return ([math.inf if a == 0 else s / a for a, s in zip(self._alpha_t, self._sigma_t)],
-                [math.inf if a == 0 else s / a for a, s in zip(self._alpha_t_next, self._sigma_t_next)])
+        return ([_ratio(a, s) for a, s in zip(self._alpha_t, self._sigma_t)],
+                [_ratio(a, s) for a, s in zip(self._alpha_t_next, self._sigma_t_next)])
 
 
 def _ratio(alpha: float, sigma: float) -> float:
