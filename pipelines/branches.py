@@ -15,7 +15,8 @@ from guidance_engine.guidance import Branch, ContextExtrapolation, Guidance, Per
 from .context_attention import BoundContext
 from .perturbation import resolve_layers
 from .row_plan import (PLAN_ARGUMENT, PLAN_KWARG, PlanTimeForward, RowPlan, TimeCondition, active, current,
-                       draw_time_noise, install_block, install_processor, install_time_hook, original_processor)
+                       draw_time_noise, embedding_width, install_block, install_processor, install_time_hook,
+                       original_processor)
 from .shuffle import BLOCK_KINDS
 
 __all__ = ["NetworkBranches", "UNetBranches"]
@@ -275,10 +276,17 @@ class NetworkBranches:
         """The modules whose output is the time-step embedding TSG perturbs (a UNet's MLP)."""
         return [model.time_embedding]
 
+    def time_noise_shape(self, model) -> tuple[int, ...] | None:
+        """One sample's shape of TSG's embedding (``(width,)`` of a time-step MLP's output rows), so
+        that its noise is drawn before the forward, which a compiled forward then traces; None where
+        it is not known before the forward (the dispatcher draws it there)."""
+        widths = {embedding_width(module) for module in self.time_embeddings(model)}
+        return (widths.pop(),) if len(widths) == 1 and None not in widths else None
+
     def altered(self, model, x_in: torch.Tensor, spans: list[tuple[int, int, Any]],
                 tokens: Any = None) -> contextlib.AbstractContextManager[RowPlan | None]:
         """The alterations of ``spans`` as the row plan of one forward of ``model`` (TSG's time
-        noise, PAG/SEG/SLG's layers, SAG's probe), in force in this context only; the context
+        noise, PAG/SEG/SLG's layers, SAG's probe), in force in this thread only; the context
         gives the plan (None: nothing altered). ``tokens``: a flow transformer's image-token layout
         (:class:`~.perturbation.ImageTokens`), if not the default one."""
         if not spans and current() is None:  # nothing altered, no plan to hide: as the plain call
@@ -308,6 +316,9 @@ class NetworkBranches:
             plan.time_modules = set(self.time_embeddings(model))
             for module in plan.time_modules:
                 install_time_hook(module)
+            row_shape = self.time_noise_shape(model)
+            if row_shape is not None:
+                draw_time_noise(plan, row_shape)  # before the forward: a compiled one traces it
         with active(plan):
             yield plan if plan else None
 
@@ -336,22 +347,20 @@ class NetworkBranches:
 
     def _time_condition(self, model, plan: RowPlan, timestep_cond: torch.Tensor | None) -> Any:
         """TSG's plan as the UNet's ``timestep_cond`` (:class:`~.row_plan.TimeCondition`, which
-        the time-embedding MLP's dispatcher unwraps), its noise drawn before the forward: a compiled
-        UNet traces both. Stays ``timestep_cond`` where the MLP's width is unknown (the dispatcher
-        then reads the plan from the context)."""
+        the time-embedding MLP's dispatcher unwraps), its noise drawn before the forward
+        (:meth:`_plan_in_force`). Stays ``timestep_cond`` where the noise is drawn in the forward
+        (the dispatcher then reads the plan from the thread's slot)."""
         mlp = model.time_embedding  # a compiled wrapper's attribute is its module's
-        width = getattr(getattr(mlp, "linear_2", None), "out_features", None)
-        if not isinstance(width, int) or not isinstance(vars(mlp).get("forward"), PlanTimeForward):
+        if not plan.drawn or not isinstance(vars(mlp).get("forward"), PlanTimeForward):
             return timestep_cond
-        draw_time_noise(plan, width)
         return TimeCondition(plan, timestep_cond)
 
     def _attention_kwargs(self, model, plan: RowPlan | None) -> dict[str, Any] | None:
         """The call's attention kwargs (a UNet's ``cross_attention_kwargs``, a flow transformer's
         ``joint_attention_kwargs``), with the row plan as an argument of the forward, which
-        diffusers hands on to every block and processor: dynamo traces an argument, not the
-        context variable (``torch.compile(pipe.unet)`` or ``(pipe.transformer)`` with
-        PAG/SEG/SLG/SAG/NAG). A model that never ran a plan gets exactly the call's kwargs, as the
+        diffusers hands on to every block and processor, so the dispatchers read it there rather
+        than in the thread's slot (``torch.compile(pipe.unet)`` or ``(pipe.transformer)`` traces
+        either). A model that never ran a plan gets exactly the call's kwargs, as the
         stock pipeline passes them."""
         if plan is not None and not PLAN_ARGUMENT.ready(model):
             PLAN_ARGUMENT.install(model)

@@ -63,6 +63,10 @@ class ChromaBranches(JointContextBranches, TransformerBranches):
         embedding) to every block's modulation, in place of Flux's time-step MLP."""
         return [model.distilled_guidance_layer]
 
+    def time_noise_shape(self, model) -> tuple[int, ...] | None:
+        """The approximator embeds one row per modulation index: ``(indices, width)`` a sample."""
+        return (model.time_text_embed.mod_proj.shape[0], model.distilled_guidance_layer.out_proj.out_features)
+
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, stacked: Callable[[str], torch.Tensor | None],
                 spans: list[tuple[int, int, Any]], model=None) -> torch.Tensor:
         model = self.model if model is None else model

@@ -36,6 +36,7 @@ from torch import nn
 
 from guidance_engine.guidance import Perturbation
 
+from .perturbation import row_groups
 from .row_plan import PlanBlockForward, PlanProcessor, current, original_processor
 
 __all__ = ["HUNYUAN_DEFAULT_LAYERS", "identity_attention", "install_dispatcher", "resolve_hunyuan_layers"]
@@ -108,15 +109,6 @@ def install_dispatcher(module: nn.Module, kind: str) -> None:
 
 
 # --------------------------------------------------------------------------- rows of a forward
-def _rows(batch: int, segments: Sequence[Segment]) -> tuple[torch.Tensor | None, list[tuple[slice, Any]]]:
-    """The rows outside every segment (None when none) and each segment's rows with its alteration."""
-    plain = torch.ones(batch, dtype=torch.bool)
-    for start, end, _ in segments:
-        plain[start:end] = False
-    rows = plain.nonzero().flatten()
-    return (rows if rows.numel() else None), [(slice(start, end), what) for start, end, what in segments]
-
-
 def _merged(parts: Sequence[tuple[torch.Tensor | slice, tuple[torch.Tensor, torch.Tensor]]], batch: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two streams of ``batch`` rows from the row groups' (video, text) results."""
@@ -141,7 +133,7 @@ class TwoStreamPassThrough(PlanBlockForward):
         if plan is None or self.block not in plan.blocks:
             return self.forward(hidden_states, encoder_hidden_states, *args, **kwargs)
         batch = hidden_states.shape[0]
-        plain, skipped = _rows(batch, plan.blocks[self.block])
+        plain, skipped = row_groups(batch, plan.blocks[self.block])
         parts = [(rows, (hidden_states[rows], encoder_hidden_states[rows])) for rows, _ in skipped]
         if plain is not None:
             parts.append((plain, self.forward(hidden_states[plain], encoder_hidden_states[plain],
@@ -171,7 +163,7 @@ class HunyuanPlanProcessor(PlanProcessor):
         if plan is None or attn not in plan.attention:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         batch = hidden_states.shape[0]
-        plain, altered = _rows(batch, plan.attention[attn])
+        plain, altered = row_groups(batch, plan.attention[attn])
         parts = []
         if plain is not None:
             parts.append((plain, self.original(attn, hidden_states[plain], encoder_hidden_states[plain],

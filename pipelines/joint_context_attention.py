@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterator, Sequence
 
@@ -71,15 +70,15 @@ from guidance_engine.guidance import Branch, ContextExtrapolation, Perturbation
 from .context_attention import BoundContext
 from .flow_attention import call_processor, flow_layout
 from .perturbation import merge_rows, plain_rows, block_stacks, resolve_layers, take_rows
-from .row_plan import UNSET, PlanProcessor, dispatcher_class, current, original_processor, passed_plan, unwrapped
+from .row_plan import UNSET, PlanProcessor, ThreadSlot, dispatcher_class, current, original_processor, passed_plan, unwrapped
 
 __all__ = ["JointContextBranches", "NegativeRows", "joint_attention_layers"]
 
-#: The NAG rows of the forward running in this context and their partner rows (empty outside one).
-_STREAMS: ContextVar[tuple["NegativeRows", ...]] = ContextVar("guidance_engine_negative_text", default=())
+#: The NAG rows of the forward running in this thread and their partner rows (empty outside one).
+_STREAMS = ThreadSlot(())
 _INSTALL = threading.Lock()
 # Forwards carrying NAG rows, over all threads: while none is, the dispatchers and hooks skip the
-# context variable.
+# thread's slot.
 _CARRIED = 0
 _SYNCED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -154,7 +153,7 @@ class JointContextProcessor(PlanProcessor):
     def dispatch(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, row_plan: Any = UNSET,
                  **kwargs: Any) -> Any:
         # The streams come with a plan passed as an argument (traced by a compiled forward); else
-        # from the context variable, read only while a NAG forward runs somewhere.
+        # from the thread's slot, read only while a NAG forward runs somewhere.
         pairs = _negative_streams(row_plan)
         if not pairs:
             return super().dispatch(attn, hidden_states, *args, row_plan=row_plan, **kwargs)
@@ -187,7 +186,7 @@ def _joint_dispatcher_class(original: Callable) -> type:
 
 def _negative_streams(plan: Any) -> tuple["NegativeRows", ...]:
     """The NAG streams of a forward: those of ``plan`` if one was passed (None: none), else the
-    context's (not read while no NAG forward runs anywhere)."""
+    thread's (not read while no NAG forward runs anywhere)."""
     if plan is UNSET:
         return _STREAMS.get() if _CARRIED else ()
     return plan.negative if plan is not None else ()
@@ -222,7 +221,7 @@ def _install(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _carrying(model: nn.Module, pairs: tuple[NegativeRows, ...]) -> Iterator[None]:
-    """``pairs`` in force for the forward run inside (this context only; reset on exit)."""
+    """``pairs`` in force for the forward run inside (this thread only; reset on exit)."""
     global _CARRIED
     _install(model)
     token = _STREAMS.set(pairs)

@@ -39,8 +39,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from contextvars import ContextVar
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -48,7 +47,8 @@ from torch import nn
 from guidance_engine.guidance import Perturbation
 
 from .context_attention import BoundContext
-from .row_plan import PlanBlockForward, PlanProcessor, current, original_processor
+from .perturbation import merge_rows, row_groups
+from .row_plan import PlanBlockForward, PlanProcessor, ThreadSlot, current, original_processor
 from .wan_attention import AttentionOutput, BlurredQueries, VideoTokens
 
 __all__ = ["LTX_DEFAULT_LAYERS", "install_dispatcher", "ltx_video_tokens", "resolve_ltx_layers", "text_mask_bias"]
@@ -62,13 +62,13 @@ _NAMED = re.compile(r"^transformer_blocks\.(\d+)(\.attn1)?$")
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
 
-_TOKENS: ContextVar[VideoTokens | None] = ContextVar("guidance_engine_ltx_tokens", default=None)
+_TOKENS = ThreadSlot(None)  # VideoTokens of the forward running in this thread
 _INSTALL = threading.Lock()  # two calls installing at once must not wrap a dispatcher in another
 
 
 @contextlib.contextmanager
 def ltx_video_tokens(layout: VideoTokens) -> Iterator[VideoTokens]:
-    """``layout``: the token grid of the forward run inside (this context only)."""
+    """``layout``: the token grid of the forward run inside (this thread only)."""
     token = _TOKENS.set(layout)
     try:
         yield layout
@@ -148,15 +148,6 @@ def install_dispatcher(module: nn.Module, kind: str) -> None:
 
 
 # --------------------------------------------------------------------------- rows of a forward
-def _rows(batch: int, segments: Sequence[Segment]) -> tuple[torch.Tensor | None, list[tuple[slice, Any]]]:
-    """The rows outside every segment (None when none) and each segment's rows with its alteration."""
-    plain = torch.ones(batch, dtype=torch.bool)
-    for start, end, _ in segments:
-        plain[start:end] = False
-    rows = plain.nonzero().flatten()
-    return (rows if rows.numel() else None), [(slice(start, end), what) for start, end, what in segments]
-
-
 def _take(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
     """``value`` restricted to ``rows``: a per-row tensor, or a tuple of them (LTX's rotary
     cosines and sines, one row per sample); anything else as it is."""
@@ -165,13 +156,6 @@ def _take(value: Any, rows: torch.Tensor | slice, batch: int) -> Any:
     if isinstance(value, tuple):
         return tuple(_take(item, rows, batch) for item in value)
     return value
-
-
-def _merged(parts: Sequence[tuple[torch.Tensor | slice, torch.Tensor]], batch: int) -> torch.Tensor:
-    out = parts[0][1].new_empty((batch, *parts[0][1].shape[1:]))
-    for rows, value in parts:
-        out[rows] = value
-    return out
 
 
 class PassThroughForward(PlanBlockForward):
@@ -183,12 +167,12 @@ class PassThroughForward(PlanBlockForward):
         if plan is None or self.block not in plan.blocks:
             return self.forward(hidden_states, *args, **kwargs)
         batch = hidden_states.shape[0]
-        plain, skipped = _rows(batch, plan.blocks[self.block])
+        plain, skipped = row_groups(batch, plan.blocks[self.block])
         parts = [(rows, hidden_states[rows]) for rows, _ in skipped]
         if plain is not None:
             parts.append((plain, self.forward(hidden_states[plain], *_take(args, plain, batch),
                                               **{k: _take(v, plain, batch) for k, v in kwargs.items()})))
-        return _merged(parts, batch)
+        return merge_rows(parts, batch)
 
 
 class LTXPlanProcessor(PlanProcessor):
@@ -201,14 +185,14 @@ class LTXPlanProcessor(PlanProcessor):
         if plan is None or attn not in plan.attention:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         batch = hidden_states.shape[0]
-        plain, altered = _rows(batch, plan.attention[attn])
+        plain, altered = row_groups(batch, plan.attention[attn])
         parts = []
         for rows, alteration in ([(plain, None)] if plain is not None else []) + altered:
             inputs = (hidden_states[rows],
                       *_take((encoder_hidden_states, attention_mask, image_rotary_emb), rows, batch))
             parts.append((rows, self.original(attn, *inputs) if alteration is None else
                           self._altered(attn, *inputs, alteration)))
-        return _merged(parts, batch)
+        return merge_rows(parts, batch)
 
     def _altered(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                  attention_mask: torch.Tensor | None, image_rotary_emb: Any, alteration: Any) -> torch.Tensor:

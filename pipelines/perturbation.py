@@ -48,7 +48,7 @@ from .query_blur import gaussian_blur_queries, token_grid
 from .shuffle import BLOCK_KINDS, check_shuffled_blocks
 
 __all__ = ["DEFAULT_LAYERS", "ImageTokens", "block_stacks", "flux_identity_mask", "gaussian_blur_queries",
-           "identity_mask", "merge_rows", "model_family", "packed_tokens", "perturbed_rows", "plain_rows",
+           "identity_mask", "merge_rows", "model_family", "packed_tokens", "perturbed_rows", "plain_rows", "row_groups",
            "resolve_layers", "skipping_forward"]
 
 DEFAULT_LAYERS: dict[str, tuple[str | int, ...]] = {"unet": ("mid",), "transformer": (7, 8, 9)}
@@ -315,6 +315,12 @@ def plain_rows(batch: int, segments: Sequence[tuple[int, int, Any]]) -> torch.Te
     if rows[-1] - rows[0] + 1 == len(rows):
         return slice(rows[0], rows[-1] + 1)
     return torch.tensor(rows)
+
+
+def row_groups(batch: int, segments: Sequence[tuple[int, int, Any]]
+               ) -> tuple[torch.Tensor | slice | None, list[tuple[slice, Any]]]:
+    """The rows outside every segment (:func:`plain_rows`) and each segment's rows with what to do there."""
+    return plain_rows(batch, segments), [(slice(start, end), what) for start, end, what in segments]
 
 
 def perturbed_rows(original: Callable, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,

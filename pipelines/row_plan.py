@@ -2,8 +2,9 @@
 
 PAG, SEG, SLG, SAG and TSG alter some rows of one forward (identity or blurred attention, skipped
 blocks, an attention map read, noise on the time embedding). That alteration is a
-:class:`RowPlan`, an argument of the forward: :func:`active` holds it in a context variable for
-the forward's duration, so each thread (and each asyncio task) sees its own plan and no other.
+:class:`RowPlan`, an argument of the forward: :func:`active` holds it in a per-thread slot
+(:class:`ThreadSlot`) for the forward's duration, so each thread sees its own plan and no other
+(an asyncio task cannot interleave with another inside a forward: the forward never yields).
 
 The network carries dispatchers, installed once (under a lock) on the layers a plan first touches:
 an attention layer's processor is wrapped by a :class:`PlanProcessor`, a transformer block's forward
@@ -17,13 +18,16 @@ Where the network hands its attention kwargs on to every block and processor (th
 ``cross_attention_kwargs``; SD3's, Flux's, Chroma's, Flux.2's and Qwen-Image's
 ``joint_attention_kwargs``), the plan also travels there, as ``row_plan``, once a plan has run on
 the model (every attention layer then has a pass-through dispatcher that takes it): a compiled
-forward traces an argument, where a context-variable lookup would break its graph. TSG's plan
-reaches a UNet's time-embedding MLP the same way, as its ``timestep_cond`` (:class:`TimeCondition`).
+forward traces an argument. TSG's plan reaches a UNet's time-embedding MLP the same way, as its
+``timestep_cond`` (:class:`TimeCondition`). Elsewhere (Z-Image and the video families hand no
+attention kwargs on) the dispatchers read the slot, which dynamo traces too: a ``threading.local``
+attribute, not a ``ContextVar``, whose ``get`` would break a compiled forward's graph at every
+dispatcher.
 
 A flow transformer's branch model also says where the generated image's tokens sit in its
 sequences (an :class:`~.perturbation.ImageTokens`), when they are not Flux's 2 x 2 latent patches
 alone in the image stream: in the plan (``tokens``), or with :func:`image_tokens` for a forward
-that reads the plan from the context.
+that reads the plan from the thread's slot.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import contextlib
 import inspect
 import threading
 import weakref
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -44,26 +47,51 @@ from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 from .shuffle import shuffling_forward
 
 __all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "PlanTimeForward",
-           "RowPlan", "TimeCondition", "UNSET", "active", "current", "dispatcher_class", "draw_time_noise",
+           "RowPlan", "TimeCondition", "UNSET", "active", "current", "dispatcher_class", "draw_time_noise", "embedding_width",
            "image_tokens", "install_block", "install_processor", "install_time_hook", "original_processor",
            "passed_plan", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
 
-#: ``row_plan`` not passed to a dispatcher: it reads the context variable
+#: ``row_plan`` not passed to a dispatcher: it reads the thread's slot
 UNSET: Any = object()
 #: the keyword under which a caller passes the plan through the forward's attention kwargs
 #: (``cross_attention_kwargs`` of a UNet, ``joint_attention_kwargs`` of a flow transformer)
 PLAN_KWARG = "row_plan"
 #: the forward arguments, by family, that diffusers hands on to every block and attention processor
 ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs")
-_PLAN: ContextVar["RowPlan | None"] = ContextVar("guidance_engine_row_plan", default=None)
-_TOKENS: ContextVar[ImageTokens | None] = ContextVar("guidance_engine_image_tokens", default=None)
+
+
+class ThreadSlot(threading.local):
+    """A value of the forward running in this thread (``get`` / ``set`` / ``reset``, as a context
+    variable's): what the row plan's dispatchers read. Not a ``ContextVar``: dynamo cannot trace
+    ``ContextVar.get`` (a graph break at every dispatcher of a compiled forward) but traces the
+    attribute of a ``threading.local``, so a transformer whose forward hands no attention kwargs
+    on to its layers (Z-Image, the video families) still compiles whole. Per thread, as the
+    pipelines' calls are; a forward never yields to another task of its thread."""
+
+    def __init__(self, default: Any = None) -> None:
+        self.value = default
+
+    def get(self) -> Any:
+        return self.value
+
+    def set(self, value: Any) -> Any:
+        """Put ``value`` in force; returns the token (the previous value) for :meth:`reset`."""
+        previous, self.value = self.value, value
+        return previous
+
+    def reset(self, token: Any) -> None:
+        self.value = token
+
+
+_PLAN = ThreadSlot(None)
+_TOKENS = ThreadSlot(None)
 _INSTALL = threading.Lock()
 # Plans with TSG's time noise in force, over all threads: while none is, the time-embedding dispatcher
-# returns at once, without reading the context variable (which a compiled forward cannot trace);
-# while one is, each forward's dispatcher reads its own context's plan (or the one passed to it).
+# returns at once, without reading the slot; while one is, each forward's dispatcher reads its
+# own thread's plan (or the one passed to it).
 _TIME_PLANS = 0
 _COUNT = threading.Lock()
 
@@ -98,7 +126,7 @@ class RowPlan:
 
 
 def current() -> RowPlan | None:
-    """The plan of the forward running in this context (None outside one)."""
+    """The plan of the forward running in this thread (None outside one)."""
     return _PLAN.get()
 
 
@@ -150,7 +178,7 @@ class PlanProcessor:
                  **kwargs: Any) -> Any:
         # The plan comes as a forward argument where the caller passes one (the UNet families and
         # the flow transformers that hand attention kwargs on, so that a compiled forward traces
-        # it), else from the context variable.
+        # it), else from the thread's slot.
         plan = _PLAN.get() if row_plan is UNSET else row_plan
         if plan is not None and (attn in plan.probes or attn in plan.attention):
             kwargs = {**dict(zip(self.positional, args)), **kwargs}
@@ -250,7 +278,7 @@ PLAN_ARGUMENT = PlanArgument()
 # --------------------------------------------------------------------------- transformer blocks
 def passed_plan(kwargs: dict[str, Any]) -> Any:
     """The plan a block's call got through its attention kwargs, or ``UNSET`` (none passed: the
-    context variable holds it)."""
+    thread's slot holds it)."""
     passed = UNSET
     for name in ATTENTION_KWARGS:
         passed = (kwargs.get(name) or {}).get(PLAN_KWARG, passed)
@@ -287,20 +315,29 @@ def install_block(block: nn.Module) -> None:
 class TimeCondition:
     """A UNet's ``timestep_cond`` argument carrying the row plan to its time-embedding MLP, which
     the UNet calls as ``time_embedding(t_emb, timestep_cond)`` and nothing else reads: a compiled
-    forward traces an argument, where the context variable would break its graph.
+    forward traces an argument without a lookup.
     ``condition``: the real ``timestep_cond`` (a guidance-distilled UNet's embedded scale) or None."""
 
     plan: RowPlan
     condition: torch.Tensor | None = None
 
 
-def draw_time_noise(plan: RowPlan, width: int) -> None:
-    """Draw each TSG span's noise now, ``[rows, width]`` (what the time-embedding dispatcher would
-    draw at the forward's first embedding, from the same generators in the same order), and its
-    strength as a 0-d float32 tensor: a compiled forward can take neither a generator nor a new
+def embedding_width(module: nn.Module) -> int | None:
+    """The width of a time-step MLP's output rows: its last linear layer's (``linear_2`` of
+    diffusers' ``TimestepEmbedding``, the last of Z-Image's ``mlp``); None where it is not such an MLP."""
+    last = getattr(module, "linear_2", None)
+    if last is None and isinstance(getattr(module, "mlp", None), nn.Sequential):
+        last = module.mlp[-1]
+    return last.out_features if isinstance(last, nn.Linear) else None
+
+
+def draw_time_noise(plan: RowPlan, row_shape: tuple[int, ...]) -> None:
+    """Draw each TSG span's noise now, ``[rows, *row_shape]`` (what the time-embedding dispatcher
+    would draw at the forward's first embedding, from the same generators in the same order), and
+    its strength as a 0-d float32 tensor: a compiled forward can take neither a generator nor a new
     float per step without breaking or recompiling."""
     for i, (start, end, branch) in enumerate(plan.time):
-        plan.drawn[i] = torch.randn((end - start, width), generator=branch.generator, dtype=torch.float32)
+        plan.drawn[i] = torch.randn((end - start, *row_shape), generator=branch.generator, dtype=torch.float32)
         plan.strength[i] = torch.tensor(branch.time_noise, dtype=torch.float32)
 
 
@@ -323,7 +360,7 @@ def _noised(module: nn.Module, plan: RowPlan | None, emb: torch.Tensor) -> torch
 class PlanTimeForward:
     """A time-embedding MLP's forward behind a dispatcher: the module's own forward, then TSG's
     noise on the rows the plan names. The plan comes as a :class:`TimeCondition` in the second
-    argument (a UNet's ``timestep_cond``), else from the context variable; while no TSG plan is in
+    argument (a UNet's ``timestep_cond``), else from the thread's slot; while no TSG plan is in
     force anywhere, the output is returned without that lookup."""
 
     def __init__(self, module: nn.Module, forward: Callable) -> None:

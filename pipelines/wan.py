@@ -163,6 +163,11 @@ class WanBranches(VideoTransformerBranches):
         the blocks' six modulation vectors and the output norm's shift and scale)."""
         return [model.condition_embedder.time_embedder]
 
+    def time_noise_shape(self, model) -> tuple[int, ...] | None:
+        """Wan 2.2 TI2V embeds each token's timestep (``expand_timesteps``): a row's shape is known
+        in the forward only."""
+        return None if self.expand_timesteps else super().time_noise_shape(model)
+
     def _evaluate(self, model, x: torch.Tensor, timestep: torch.Tensor, requests, probes=(),
                   plain: bool = False) -> dict[str, torch.Tensor]:
         if model is self.model and self.model_2 is not None and not self.boundary.high_noise(float(timestep)):

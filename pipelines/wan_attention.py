@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,9 +46,9 @@ from torch import nn
 from guidance_engine.guidance import Perturbation
 
 from .context_attention import BoundContext
-from .perturbation import take_rows
+from .perturbation import merge_rows, row_groups, take_rows
 from .query_blur import gaussian_blur_queries
-from .row_plan import PlanBlockForward, PlanProcessor, current, original_processor
+from .row_plan import PlanBlockForward, PlanProcessor, ThreadSlot, current, original_processor
 
 __all__ = ["WAN_DEFAULT_LAYERS", "AttentionOutput", "BlurredQueries", "VideoTokens", "install_dispatcher",
            "resolve_wan_layers", "video_tokens"]
@@ -77,13 +76,13 @@ class VideoTokens:
         return self.frames * self.rows * self.columns
 
 
-_TOKENS: ContextVar[VideoTokens | None] = ContextVar("guidance_engine_wan_tokens", default=None)
+_TOKENS = ThreadSlot(None)  # VideoTokens of the forward running in this thread
 _INSTALL = threading.Lock()  # two calls installing at once must not wrap a dispatcher in another
 
 
 @contextlib.contextmanager
 def video_tokens(layout: VideoTokens) -> Iterator[VideoTokens]:
-    """``layout``: the token grid of the forward run inside (this context only)."""
+    """``layout``: the token grid of the forward run inside (this thread only)."""
     token = _TOKENS.set(layout)
     try:
         yield layout
@@ -145,22 +144,6 @@ def install_dispatcher(module: nn.Module, kind: str) -> None:
 
 
 # --------------------------------------------------------------------------- rows of a forward
-def _rows(batch: int, segments: Sequence[Segment]) -> tuple[torch.Tensor | None, list[tuple[slice, Any]]]:
-    """The rows outside every segment (None when none) and each segment's rows with its alteration."""
-    plain = torch.ones(batch, dtype=torch.bool)
-    for start, end, _ in segments:
-        plain[start:end] = False
-    rows = plain.nonzero().flatten()
-    return (rows if rows.numel() else None), [(slice(start, end), what) for start, end, what in segments]
-
-
-def _merged(parts: Sequence[tuple[torch.Tensor | slice, torch.Tensor]], batch: int) -> torch.Tensor:
-    out = parts[0][1].new_empty((batch, *parts[0][1].shape[1:]))
-    for rows, value in parts:
-        out[rows] = value
-    return out
-
-
 class WanBlockForward(PlanBlockForward):
     """A Wan block's forward behind the row plan: the rows the plan skips leave the block unchanged,
     the others go through the block's own forward on their rows only."""
@@ -171,12 +154,12 @@ class WanBlockForward(PlanBlockForward):
         if plan is None or self.block not in plan.blocks:
             return self.forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
         batch = hidden_states.shape[0]
-        plain, skipped = _rows(batch, plan.blocks[self.block])
+        plain, skipped = row_groups(batch, plan.blocks[self.block])
         parts = [(rows, hidden_states[rows]) for rows, _ in skipped]
         if plain is not None:  # rotary positions are shared by the rows (batch dimension 1)
             parts.append((plain, self.forward(hidden_states[plain], encoder_hidden_states[plain], temb[plain],
                                               rotary_emb)))
-        return _merged(parts, batch)
+        return merge_rows(parts, batch)
 
 
 class WanPlanProcessor(PlanProcessor):
@@ -189,7 +172,7 @@ class WanPlanProcessor(PlanProcessor):
         if plan is None or attn not in plan.attention:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         batch = hidden_states.shape[0]
-        plain, altered = _rows(batch, plan.attention[attn])
+        plain, altered = row_groups(batch, plan.attention[attn])
         parts = []
         if plain is not None:
             parts.append((plain, self.original(attn, hidden_states[plain],
@@ -198,7 +181,7 @@ class WanPlanProcessor(PlanProcessor):
         for rows, alteration in altered:
             parts.append((rows, self._altered(attn, hidden_states[rows], take_rows(encoder_hidden_states, rows, batch),
                                               take_rows(attention_mask, rows, batch), rotary_emb, alteration)))
-        return _merged(parts, batch)
+        return merge_rows(parts, batch)
 
     def _altered(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                  attention_mask: torch.Tensor | None, rotary_emb: Any, alteration: Any) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""``torch.compile(pipe.unet)`` under the engine (CPU, dynamo with the eager backend: what is
-traced and where it breaks, without a compiler toolchain): CFG compiles into one graph with no
-graph break and gives the uncompiled images bit for bit; PAG's row-aware processors take the row
-plan as a forward argument, so PAG too compiles into one graph with no break and the same images,
-and CFG on a UNet that PAG has run on stays unbroken; TSG's plan and noise reach the time
-embedding as arguments, so it too compiles without a break (documented in docs/benchmarks.md)."""
+"""``torch.compile(pipe.unet)`` and ``(pipe.transformer)`` under the engine (CPU, dynamo with the
+eager backend: what is traced and where it breaks, without a compiler toolchain): CFG compiles
+into one graph with no graph break and gives the uncompiled images bit for bit; PAG's row-aware
+processors take the row plan as a forward argument, so PAG too compiles into one graph with no
+break and the same images, and CFG on a UNet that PAG has run on stays unbroken; TSG's plan and
+noise reach the time embedding as arguments, so it too compiles without a break; transformers
+that hand no attention kwargs on (Z-Image, the video families) read the plan from a per-thread
+slot that dynamo traces (documented in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -118,4 +120,76 @@ def test_flow_transformers_take_the_row_plan_as_an_argument_under_compile(family
     assert torch.equal(got, want)
     assert not reasons
     _, reasons, longer = _compiled_transformer_run(pipe, call, spec, 4)
+    assert not reasons and longer == graphs
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma", "flux2", "qwen"])
+def test_tsg_on_flow_transformers_draws_its_noise_before_the_forward_under_compile(family) -> None:
+    """TSG's noise is drawn before the forward at the shape of one sample's embedding (Chroma's
+    approximator: one row per modulation index) and its plan read from the thread's slot, which
+    dynamo traces: no graph break (before: Flux 3 per run, the generator and the context variable
+    inside the forward), latents equal, no more graphs for a longer run."""
+    pipe, call = _flow_pipe(family)
+    spec = {"name": "tsg", "t_min": 0.0}
+    with torch.no_grad():
+        want = pipe(prompt=PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=2, **call).images
+    got, reasons, graphs = _compiled_transformer_run(pipe, call, spec, 2)
+    assert torch.equal(got, want)
+    assert not reasons
+    _, reasons, longer = _compiled_transformer_run(pipe, call, spec, 4)
+    assert not reasons and longer == graphs
+
+
+# --------------------------------------------------------------------------- no attention kwargs
+def _slot_family_pipe(family: str):
+    """Z-Image and the video families, whose transformers hand no attention kwargs on to their
+    blocks: the dispatchers read the plan from the thread's slot (``row_plan.ThreadSlot``)."""
+    from conftest import quiet
+    if family == "zimage":
+        from guidance_engine.pipelines.toy.tiny_z_image import tiny_z_image_components
+        from guidance_engine.pipelines.z_image import GuidedZImagePipeline
+        return quiet(GuidedZImagePipeline(**tiny_z_image_components(0))), {"max_sequence_length": 64}
+    if family == "wan":
+        from guidance_engine.pipelines.toy.tiny_wan import tiny_wan_components
+        from guidance_engine.pipelines.wan import GuidedWanPipeline
+        return quiet(GuidedWanPipeline(**tiny_wan_components(0))), {"num_frames": 5, "max_sequence_length": 16}
+    if family == "ltx":
+        from guidance_engine.pipelines.ltx import GuidedLTXPipeline
+        from guidance_engine.pipelines.toy.tiny_ltx import tiny_ltx_components
+        return quiet(GuidedLTXPipeline(**tiny_ltx_components(0))), {"num_frames": 9, "max_sequence_length": 16}
+    from guidance_engine.pipelines.hunyuan_video15 import GuidedHunyuanVideo15Pipeline
+    from guidance_engine.pipelines.toy.tiny_hunyuan_video15 import tiny_hunyuan_video15_components
+    pipe = GuidedHunyuanVideo15Pipeline(**tiny_hunyuan_video15_components(0))
+    for name, value in {"tokenizer_max_length": 32, "tokenizer_2_max_length": 16, "vision_num_semantic_tokens": 8}.items():
+        setattr(pipe, name, value)
+    return quiet(pipe), {"num_frames": 5}
+
+
+def _slot_family_run(pipe, call, spec, steps: int, compiled: bool):
+    def run():
+        with torch.no_grad():
+            out = pipe(prompt=PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=steps, height=32,
+                       width=32, output_type="latent", **call)
+        return out.frames if hasattr(out, "frames") else out.images
+    return _compiled(pipe, "transformer", run) if compiled else (run(), {}, 0)
+
+
+_SLOT_CASES = [(family, method) for family in ("zimage", "wan", "ltx") for method in ("pag", "seg", "slg", "nag", "tsg")]
+_SLOT_CASES += [("hunyuan", method) for method in ("cfg", "pag", "slg", "tsg")]
+
+
+@pytest.mark.parametrize("family, method", _SLOT_CASES)
+def test_transformers_that_pass_no_attention_kwargs_compile_without_a_break(family, method) -> None:
+    """Z-Image, Wan, LTX and HunyuanVideo 1.5 under ``torch.compile(pipe.transformer)``: PAG, SEG,
+    SLG/STG, NAG and TSG with 0 graph breaks (before: 5-7 per 2-step run, at the context variable
+    and, on the video families, at a ``nonzero`` of the row split), latents equal to the
+    uncompiled run bit for bit, and a 4-step run compiles no more graphs than a 2-step one."""
+    pipe, call = _slot_family_pipe(family)
+    spec = {"name": "tsg", "t_min": 0.0} if method == "tsg" else (
+        "cfg" if method == "cfg" else {"name": method, "layers": [0], "start": 0.0, "stop": 1.0})
+    want, _, _ = _slot_family_run(pipe, call, spec, 2, compiled=False)
+    got, reasons, graphs = _slot_family_run(pipe, call, spec, 2, compiled=True)
+    assert torch.equal(got, want)
+    assert not reasons
+    _, reasons, longer = _slot_family_run(pipe, call, spec, 4, compiled=True)
     assert not reasons and longer == graphs
