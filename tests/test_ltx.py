@@ -186,8 +186,11 @@ def test_a_directory_saved_by_the_stock_pipeline_loads_and_equals_stock(tmp_path
     assert pipeline_class_for(tmp_path) is GuidedLTXPipeline  # what the CLI and batch detect
     assert torch.equal(loaded.vae.latents_std, stock.vae.latents_std)  # the de-normalisation travels
     call = {**CALL, "negative_prompt": "blue", "output_type": "pt", "decode_timestep": 0.05}
+    reloaded = quiet(LTXPipeline.from_pretrained(tmp_path))  # stock on the same files (see test_wan)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.transformer.state_dict().values(),
+                                                 stock.transformer.state_dict().values()))
     assert torch.equal(loaded(PROMPT, generator=seeded(0), **call).frames,
-                       stock(PROMPT, generator=seeded(0), **call).frames)
+                       reloaded(PROMPT, generator=seeded(0), **call).frames)
 
 
 def test_from_pipe_shares_components_and_leaves_stock_working() -> None:

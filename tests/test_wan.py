@@ -241,8 +241,14 @@ def test_a_directory_saved_by_the_stock_pipeline_loads_and_equals_stock(tmp_path
     assert (loaded.config.boundary_ratio, loaded.transformer_2 is not None) == \
         ((TINY_WAN_BOUNDARY_RATIO, True) if two_experts else (None, False))
     call = {**CALL, "negative_prompt": "blue", "guidance_scale_2": 3.0 if two_experts else None}
+    # against stock loading the same directory: the weights round-trip exactly, but a forward on
+    # weights read from the file can differ in the last bit from one on the in-memory tensors (seen
+    # on an AMD EPYC host: 2e-6), whichever pipeline runs it
+    reloaded = quiet(WanPipeline.from_pretrained(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.transformer.state_dict().values(),
+                                                 stock.transformer.state_dict().values()))
     assert torch.equal(loaded(PROMPT, generator=seeded(0), **call).frames,
-                       stock(PROMPT, generator=seeded(0), **call).frames)
+                       reloaded(PROMPT, generator=seeded(0), **call).frames)
 
 
 def test_from_pipe_shares_components_and_leaves_stock_working() -> None:
