@@ -70,7 +70,8 @@ from guidance_engine.guidance import Branch, ContextExtrapolation, Perturbation
 from .context_attention import BoundContext
 from .flow_attention import call_processor, flow_layout
 from .perturbation import merge_rows, plain_rows, block_stacks, resolve_layers, take_rows
-from .row_plan import UNSET, PlanProcessor, ThreadSlot, dispatcher_class, current, original_processor, passed_plan, unwrapped
+from .row_plan import (UNSET, PlanProcessor, ThreadSlot, current, dispatcher_class, original_processor, passed_plan,
+                       unwrapped)
 
 __all__ = ["JointContextBranches", "NegativeRows", "joint_attention_layers"]
 

@@ -48,8 +48,8 @@ from .query_blur import gaussian_blur_queries, token_grid
 from .shuffle import BLOCK_KINDS, check_shuffled_blocks
 
 __all__ = ["DEFAULT_LAYERS", "ImageTokens", "block_stacks", "flux_identity_mask", "gaussian_blur_queries",
-           "identity_mask", "merge_rows", "model_family", "packed_tokens", "perturbed_rows", "plain_rows", "row_groups",
-           "resolve_layers", "skipping_forward"]
+           "identity_mask", "merge_rows", "model_family", "packed_tokens", "perturbed_rows", "plain_rows",
+           "resolve_layers", "row_groups", "skipping_forward"]
 
 DEFAULT_LAYERS: dict[str, tuple[str | int, ...]] = {"unet": ("mid",), "transformer": (7, 8, 9)}
 _SHORT = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}

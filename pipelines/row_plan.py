@@ -47,9 +47,9 @@ from .perturbation import ImageTokens, perturbed_rows, skipping_forward
 from .shuffle import shuffling_forward
 
 __all__ = ["ATTENTION_KWARGS", "PLAN_ARGUMENT", "PLAN_KWARG", "PlanBlockForward", "PlanProcessor", "PlanTimeForward",
-           "RowPlan", "TimeCondition", "UNSET", "active", "current", "dispatcher_class", "draw_time_noise", "embedding_width",
-           "image_tokens", "install_block", "install_processor", "install_time_hook", "original_processor",
-           "passed_plan", "unwrapped"]
+           "RowPlan", "ThreadSlot", "TimeCondition", "UNSET", "active", "current", "dispatcher_class",
+           "draw_time_noise", "embedding_width", "image_tokens", "install_block", "install_processor",
+           "install_time_hook", "original_processor", "passed_plan", "unwrapped"]
 
 #: (start, end, what to do there): rows [start, end) of the forward's batch.
 Segment = tuple[int, int, Any]
