@@ -61,6 +61,22 @@ def test_pag_compiles_into_one_graph_and_equals_the_uncompiled_run(sd_pair) -> N
     assert not reasons and graphs == 1
 
 
+
+@pytest.mark.parametrize("method", ["seg", "slg", "sag", "nag"])
+def test_the_other_row_plan_methods_compile_on_the_unet_without_a_break(sd_pair, method) -> None:
+    """SEG, SLG, SAG and NAG on the UNet: the plan rides in ``cross_attention_kwargs`` as PAG's,
+    so no graph break and the uncompiled images bit for bit; a longer run compiles no more graphs
+    (SAG: a second for its probe's evaluation)."""
+    _, guided = sd_pair
+    spec = {"name": method} if method in ("sag", "nag") else {"name": method, "start": 0.0, "stop": 1.0}
+    want = guided(PROMPT, guidance=spec, generator=seeded(0), **CALL).images
+    got, reasons, graphs = _compiled_run(guided, spec)
+    assert torch.equal(got, want)
+    assert not reasons
+    _, reasons, longer = _compiled(guided, "unet", lambda: guided(
+        PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=4, output_type="latent").images)
+    assert not reasons and longer == graphs
+
 def test_tsg_takes_its_plan_and_noise_as_arguments_under_compile(sd_pair) -> None:
     """TSG's plan reaches the UNet's time-embedding MLP as its ``timestep_cond`` argument, with the
     noise drawn and the strength made a tensor before the forward: no graph break (before: one per
