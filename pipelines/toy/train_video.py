@@ -79,6 +79,8 @@ LATENT_CHANNELS = 16
 UNCOND_PROBABILITY = 0.15
 #: The VAE's spatial down-sampling factors :func:`build_models` builds (32 x 32 frames: 8 x 8 or 4 x 4 latents).
 SPATIAL_FACTORS = (4, 8)
+#: The transformer's attention head widths :func:`build_models` takes (width 64 = heads x head width).
+HEAD_DIMS = (16, 32, 64)
 #: The sampling schedule's shift (UniPC ``flow_shift``), also the shift of the training sigmas.
 FLOW_SHIFT = 3.0
 
@@ -90,10 +92,12 @@ def build_tokenizer():
     return build_tiny_umt5_tokenizer(moving_shapes.VOCABULARY)
 
 
-def build_models(tokenizer, seed: int = 0, spatial_factor: int = 8):
+def build_models(tokenizer, seed: int = 0, spatial_factor: int = 8, head_dim: int = 16):
     """Fresh (text_encoder, vae, transformer), initialised from ``seed`` (see the module docstring);
-    ``spatial_factor`` 8 (4 x 4 latents a frame: the shipped model's) or 4 (8 x 8: no patches,
-    the VAE on whole pixels; docs/video.md, "A VAE of spatial factor 4")."""
+    ``spatial_factor`` 8 (4 x 4 latents a frame) or 4 (8 x 8: no patches, the VAE on whole pixels;
+    docs/video.md, "A VAE of spatial factor 4"); ``head_dim``: the transformer's attention head
+    width (16, 32 or 64; its width stays 64), which sets how finely Wan's rotary positions tell the
+    latent grid's columns and rows apart: 2 (1 // 6) frequencies an axis at 16, 5 at 32, 10 at 64."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -104,6 +108,8 @@ def build_models(tokenizer, seed: int = 0, spatial_factor: int = 8):
         decoder_start_token_id=tokenizer.pad_token_id))
     if spatial_factor not in SPATIAL_FACTORS:
         raise ValueError(f"spatial_factor: must be one of {SPATIAL_FACTORS}, got {spatial_factor!r}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: must be one of {HEAD_DIMS}, got {head_dim!r}")
     # two stages (x 2 in space and time each): spatial factor 4, temporal 4; on 2 x 2 pixel
     # patches (Wan 2.2's patch_size=2: 12 channels in and out) spatial factor 8
     patch = {"patch_size": 2, "in_channels": 12, "out_channels": 12} if spatial_factor == 8 else {}
@@ -112,7 +118,7 @@ def build_models(tokenizer, seed: int = 0, spatial_factor: int = 8):
         latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS, scale_factor_temporal=4,
         scale_factor_spatial=spatial_factor, **patch)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=16, in_channels=LATENT_CHANNELS,
+        patch_size=(1, 1, 1), num_attention_heads=64 // head_dim, attention_head_dim=head_dim, in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS, text_dim=TEXT_HIDDEN, freq_dim=64, ffn_dim=256, num_layers=4,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     return text_encoder, vae, transformer
@@ -304,10 +310,30 @@ def reconstruction_scores(vae, n: int = 96, seed: int = 7) -> dict[str, float]:
     return summarize(scores)
 
 
+def latent_shape_mask(clips: np.ndarray, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Where the shape is on the latent grid, ``bool [N, 1, 3, h, w]``: a pixel is the shape's when
+    it is farther than 0.1 (in [-1, 1]) from the clip's median colour (the background), as the VAE
+    loss weighs it; a latent cell is the shape's when any of its pixels is, in any of its frames
+    (latent frame 0 = frame 0, then frames 1-4 and 5-8: Wan's causal temporal grouping)."""
+    masks = []
+    for i in range(0, len(clips), 256):
+        x = _clip_tensor(clips[i:i + 256])
+        bg = x.flatten(2).median(dim=2).values[:, :, None, None, None]
+        shape = ((x - bg).abs().amax(1, keepdim=True) > 0.1).float()  # [B, 1, 9, H, W]
+        groups = torch.cat([shape[:, :, :1], shape[:, :, 1:5].amax(2, keepdim=True),
+                            shape[:, :, 5:9].amax(2, keepdim=True)], 2)
+        masks.append(F.adaptive_max_pool3d(groups, (3, *latent_hw)) > 0)
+    return torch.cat(masks)
+
+
 def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tensor,
-                      captions: list[str], args: argparse.Namespace, gen: torch.Generator, losses: list):
+                      captions: list[str], args: argparse.Namespace, gen: torch.Generator, losses: list,
+                      shape_mask: torch.Tensor | None = None):
     """Stage 2: transformer + text encoder by flow matching; returns (EMA transformer, EMA text
-    encoder, seconds). ``latents``: the data's, in the transformer's normalised space."""
+    encoder, seconds). ``latents``: the data's, in the transformer's normalised space.
+    ``shape_mask`` (:func:`latent_shape_mask`) with ``--shape-weight`` w > 1: the latent cells of the
+    shape weigh w in the loss (the background fills most cells; the words that only move or
+    reshape the shape otherwise barely reach the loss)."""
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     ema_transformer = copy.deepcopy(transformer).requires_grad_(False)
@@ -328,7 +354,11 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
             sigma = flow_sigmas(torch.rand(args.batch, generator=gen))
             s = sigma.view(-1, 1, 1, 1, 1)
             pred = _padded_forward(transformer, processors, (1 - s) * x0 + s * eps, sigma, context, bias)
-            loss = F.mse_loss(pred, eps - x0)
+            if shape_mask is None or args.shape_weight == 1.0:
+                loss = F.mse_loss(pred, eps - x0)
+            else:
+                weight = 1.0 + (args.shape_weight - 1.0) * shape_mask[idx].float()
+                loss = (weight * (pred - (eps - x0)) ** 2).mean() / weight.expand_as(pred).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -413,7 +443,7 @@ def train(args: argparse.Namespace) -> Path:
     work = Path(args.work or f"{out}.work")
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    text_encoder, vae, transformer = build_models(tokenizer, args.seed, args.spatial_factor)
+    text_encoder, vae, transformer = build_models(tokenizer, args.seed, args.spatial_factor, args.head_dim)
     error = check_padded_context(tokenizer, text_encoder, transformer,
                                  ["a red circle moving right on a blue background", ""])
     print(f"padded-context check: max difference {error:.2e} from the stock 512-token context")
@@ -455,8 +485,9 @@ def train(args: argparse.Namespace) -> Path:
     if args.init_from:  # a continuation: the saved transformer and text encoder, other batches
         transformer, text_encoder = _saved_networks(Path(args.init_from))
         gen.manual_seed(args.seed + 3)
+    mask = latent_shape_mask(clips, tuple(mean.shape[-2:])) if args.shape_weight != 1.0 else None
     ema_transformer, ema_text, seconds = train_transformer(transformer, text_encoder, tokenizer, normalised, captions,
-                                                           args, gen, losses)
+                                                           args, gen, losses, mask)
     decoder_seconds = decoder_stage(vae, mean, clips, args, work, losses)
     save_model(out, ema_transformer, vae, ema_text, tokenizer, args.fp16)
     with open(work / "losses.csv", "w", newline="") as f:
@@ -469,7 +500,8 @@ def train(args: argparse.Namespace) -> Path:
             "vae_lr": args.vae_lr, "kl_weight": args.kl_weight, "vae_shape_weight": args.vae_shape_weight,
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema, "init_from": args.init_from,
             "uncond_probability": UNCOND_PROBABILITY, "threads": args.threads, "fp16": bool(args.fp16),
-            "decoder_steps": args.decoder_steps, "decoder_noise": args.decoder_noise,
+            "decoder_steps": args.decoder_steps, "decoder_noise": args.decoder_noise, "head_dim": args.head_dim,
+            "shape_weight": args.shape_weight,
             "padded_context_error": error, "vae_seconds": vae_seconds, "transformer_seconds": seconds,
             "decoder_seconds": decoder_seconds, "spatial_factor": args.spatial_factor,
             "vae_reconstruction_scores": vae_scores,
@@ -490,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-train", type=int, default=6000, help="clips in the training set")
     p.add_argument("--spatial-factor", type=int, choices=SPATIAL_FACTORS, default=8,
                    help="the VAE's spatial down-sampling: 8 (4 x 4 latents a frame, the shipped model) or 4 (8 x 8)")
+    p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, default=16,
+                   help="the transformer's attention head width (64 // it heads): finer rotary positions")
     p.add_argument("--vae-only", action="store_true", help="stop after the VAE stage (and its reconstruction scores)")
     p.add_argument("--vae-steps", type=int, default=500)
     p.add_argument("--vae-batch", type=int, default=16)
@@ -498,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-shape-weight", type=float, default=4.0, help="loss weight of shape pixels")
     p.add_argument("--steps", type=int, default=1500, help="transformer + text-encoder steps")
     p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--shape-weight", type=float, default=1.0,
+                   help="transformer stage: loss weight of the shape's latent cells (1 = plain flow matching)")
     p.add_argument("--decoder-steps", type=int, default=600, help="stage 3: the VAE decoder alone")
     p.add_argument("--decoder-noise", type=float, default=0.1,
                    help="stage 3: latent noise, times each channel's std")
