@@ -97,7 +97,8 @@ def build_models(tokenizer, seed: int = 0, spatial_factor: int = 8, head_dim: in
     ``spatial_factor`` 8 (4 x 4 latents a frame) or 4 (8 x 8: no patches, the VAE on whole pixels;
     docs/video.md, "A VAE of spatial factor 4"); ``head_dim``: the transformer's attention head
     width (16, 32 or 64; its width stays 64), which sets how finely Wan's rotary positions tell the
-    latent grid's columns and rows apart: 2 (1 // 6) frequencies an axis at 16, 5 at 32, 10 at 64."""
+    latent grid's columns and rows apart (2 (head_dim // 6) rotary dims an axis: 2 frequencies at
+    16, 1 and 0.01 radian a cell, so 8 cells alias; 5 at 32; 10 at 64)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
