@@ -151,6 +151,19 @@ def test_data_set_is_seeded_and_inside_the_frame() -> None:
         assert all(parsed[k] == labels[k] for k in ("shape", "color", "background", "direction"))
 
 
+def test_latent_shape_mask_marks_the_cells_the_shape_crosses() -> None:
+    """The transformer stage's ``--shape-weight`` mask: a blank clip has none; a data-set clip's
+    mask follows its shape (latent frame 0 = frame 0, spatial factor 4) and covers a part only."""
+    clips, _, _ = moving_shapes.make_dataset(4, seed=0)
+    blank = np.full_like(clips[:1], 128)
+    assert not train_video.latent_shape_mask(blank, (8, 8)).any()
+    mask = train_video.latent_shape_mask(clips, (8, 8))
+    assert mask.shape == (4, 1, 3, 8, 8) and 0 < mask.float().mean() < 0.5
+    for clip, cells in zip(clips, mask):
+        x, y = np.nonzero(np.abs(clip[0].astype(int) - np.median(clip[0].reshape(-1, 3), 0)).max(-1) > 12.75)[::-1]
+        assert cells[0, 0, y // 4, x // 4].all()  # every shape pixel of frame 0 lies in a marked cell
+
+
 def test_training_context_equals_the_stock_512_token_context(pipe) -> None:
     texts = [PROMPT, "", "a large yellow triangle moving down on a white background"]
     short, bias = train_video.encode_captions(pipe.tokenizer, pipe.text_encoder, texts)
@@ -176,6 +189,9 @@ def test_vae_factors_give_their_latent_grids_and_reconstructions_are_scored(pipe
         assert vae.config.scale_factor_spatial == factor
     with pytest.raises(ValueError, match=r"spatial_factor: must be one of \(4, 8\), got 2"):
         train_video.build_models(tokenizer, spatial_factor=2)
+    with pytest.raises(ValueError, match=r"head_dim: must be one of \(16, 32, 64\), got 8"):
+        train_video.build_models(tokenizer, head_dim=8)
+    assert train_video.build_models(tokenizer, head_dim=32)[2].config.num_attention_heads == 2
     # the shipped VAE on held-out clips keeps the direction (docs/video.md: 0.82 on 96 clips); an
     # untrained one does not
     assert train_video.reconstruction_scores(pipe.vae, n=32)["acc_direction"] >= 0.7
