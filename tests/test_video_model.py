@@ -151,6 +151,13 @@ def test_data_set_is_seeded_and_inside_the_frame() -> None:
         assert all(parsed[k] == labels[k] for k in ("shape", "color", "background", "direction"))
 
 
+@pytest.mark.parametrize("weight", ["0.5", "nan", "inf"])
+def test_a_bad_shape_weight_is_refused_before_any_training(tmp_path, weight) -> None:
+    with pytest.raises(ValueError, match=rf"--shape-weight: must be a finite number >= 1 .*got {weight}"):
+        train_video.main(["--out", str(tmp_path / "m"), "--shape-weight", weight])
+    assert not (tmp_path / "m.work").exists()
+
+
 def test_latent_shape_mask_marks_the_cells_the_shape_crosses() -> None:
     """The transformer stage's ``--shape-weight`` mask: a blank clip has none; a data-set clip's
     mask follows its shape (latent frame 0 = frame 0, spatial factor 4) and covers a part only."""

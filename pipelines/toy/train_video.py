@@ -334,7 +334,8 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
     encoder, seconds). ``latents``: the data's, in the transformer's normalised space.
     ``shape_mask`` (:func:`latent_shape_mask`) with ``--shape-weight`` w > 1: the latent cells of the
     shape weigh w in the loss (the background fills most cells; the words that only move or
-    reshape the shape otherwise barely reach the loss)."""
+    reshape the shape otherwise barely reach the loss). A reweighted objective: its optimum leans
+    towards clips with the shape where the noisy input leaves it open, not the plain flow velocity."""
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     ema_transformer = copy.deepcopy(transformer).requires_grad_(False)
@@ -439,6 +440,9 @@ def _saved_networks(directory: Path):
 
 
 def train(args: argparse.Namespace) -> Path:
+    if not (math.isfinite(args.shape_weight) and args.shape_weight >= 1.0):
+        raise ValueError(f"--shape-weight: must be a finite number >= 1 (1 = plain flow matching), "
+                         f"got {args.shape_weight!r}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = Path(args.work or f"{out}.work")
