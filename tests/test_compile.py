@@ -37,6 +37,17 @@ def _compiled(pipe, network: str, run):
     return images, reasons, graphs
 
 
+def _assert_compiles_unbroken(pipe, network: str, run) -> None:
+    """``run(steps)`` (images of a ``steps``-step call): the compiled 2-step run equals the
+    uncompiled one bit for bit with no graph break, and a 4-step run compiles no more graphs."""
+    want = run(2)
+    got, reasons, graphs = _compiled(pipe, network, lambda: run(2))
+    assert torch.equal(got, want)
+    assert not reasons
+    _, reasons, longer = _compiled(pipe, network, lambda: run(4))
+    assert not reasons and longer == graphs
+
+
 def _compiled_run(pipe, guidance):
     return _compiled(pipe, "unet", lambda: pipe(PROMPT, guidance=guidance, generator=seeded(0), **CALL).images)
 
@@ -69,13 +80,8 @@ def test_the_other_row_plan_methods_compile_on_the_unet_without_a_break(sd_pair,
     (SAG: a second for its probe's evaluation)."""
     _, guided = sd_pair
     spec = {"name": method} if method in ("sag", "nag") else {"name": method, "start": 0.0, "stop": 1.0}
-    want = guided(PROMPT, guidance=spec, generator=seeded(0), **CALL).images
-    got, reasons, graphs = _compiled_run(guided, spec)
-    assert torch.equal(got, want)
-    assert not reasons
-    _, reasons, longer = _compiled(guided, "unet", lambda: guided(
-        PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=4, output_type="latent").images)
-    assert not reasons and longer == graphs
+    _assert_compiles_unbroken(guided, "unet", lambda steps: guided(
+        PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=steps, output_type="latent").images)
 
 def test_tsg_takes_its_plan_and_noise_as_arguments_under_compile(sd_pair) -> None:
     """TSG's plan reaches the UNet's time-embedding MLP as its ``timestep_cond`` argument, with the
@@ -111,12 +117,9 @@ def _flow_pipe(family: str):
     return quiet(build()), {"height": 32, "width": 32, "output_type": "latent", **text}
 
 
-def _compiled_transformer_run(pipe, call, guidance, steps):
-    def run():
-        with torch.no_grad():
-            return pipe(prompt=PROMPT, guidance=guidance, generator=seeded(0), num_inference_steps=steps,
-                        **call).images
-    return _compiled(pipe, "transformer", run)
+def _flow_run(pipe, call, guidance, steps: int):
+    with torch.no_grad():
+        return pipe(prompt=PROMPT, guidance=guidance, generator=seeded(0), num_inference_steps=steps, **call).images
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "flux2", "qwen"])
@@ -130,13 +133,7 @@ def test_flow_transformers_take_the_row_plan_as_an_argument_under_compile(family
     forwards, prompts of other lengths), not one per step: a longer run compiles no more."""
     pipe, call = _flow_pipe(family)
     spec = {"name": method, "layers": [0], "start": 0.0, "stop": 1.0}
-    with torch.no_grad():
-        want = pipe(prompt=PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=2, **call).images
-    got, reasons, graphs = _compiled_transformer_run(pipe, call, spec, 2)
-    assert torch.equal(got, want)
-    assert not reasons
-    _, reasons, longer = _compiled_transformer_run(pipe, call, spec, 4)
-    assert not reasons and longer == graphs
+    _assert_compiles_unbroken(pipe, "transformer", lambda steps: _flow_run(pipe, call, spec, steps))
 
 
 @pytest.mark.parametrize("family", ["flux", "chroma", "flux2", "qwen"])
@@ -147,13 +144,7 @@ def test_tsg_on_flow_transformers_draws_its_noise_before_the_forward_under_compi
     inside the forward), latents equal, no more graphs for a longer run."""
     pipe, call = _flow_pipe(family)
     spec = {"name": "tsg", "t_min": 0.0}
-    with torch.no_grad():
-        want = pipe(prompt=PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=2, **call).images
-    got, reasons, graphs = _compiled_transformer_run(pipe, call, spec, 2)
-    assert torch.equal(got, want)
-    assert not reasons
-    _, reasons, longer = _compiled_transformer_run(pipe, call, spec, 4)
-    assert not reasons and longer == graphs
+    _assert_compiles_unbroken(pipe, "transformer", lambda steps: _flow_run(pipe, call, spec, steps))
 
 
 # --------------------------------------------------------------------------- no attention kwargs
@@ -181,13 +172,11 @@ def _slot_family_pipe(family: str):
     return quiet(pipe), {"num_frames": 5}
 
 
-def _slot_family_run(pipe, call, spec, steps: int, compiled: bool):
-    def run():
-        with torch.no_grad():
-            out = pipe(prompt=PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=steps, height=32,
-                       width=32, output_type="latent", **call)
-        return out.frames if hasattr(out, "frames") else out.images
-    return _compiled(pipe, "transformer", run) if compiled else (run(), {}, 0)
+def _slot_family_run(pipe, call, spec, steps: int):
+    with torch.no_grad():
+        out = pipe(prompt=PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=steps, height=32,
+                   width=32, output_type="latent", **call)
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 _SLOT_CASES = [(family, method) for family in ("zimage", "wan", "ltx") for method in ("pag", "seg", "slg", "nag", "tsg")]
@@ -203,9 +192,4 @@ def test_transformers_that_pass_no_attention_kwargs_compile_without_a_break(fami
     pipe, call = _slot_family_pipe(family)
     spec = {"name": "tsg", "t_min": 0.0} if method == "tsg" else (
         "cfg" if method == "cfg" else {"name": method, "layers": [0], "start": 0.0, "stop": 1.0})
-    want, _, _ = _slot_family_run(pipe, call, spec, 2, compiled=False)
-    got, reasons, graphs = _slot_family_run(pipe, call, spec, 2, compiled=True)
-    assert torch.equal(got, want)
-    assert not reasons
-    _, reasons, longer = _slot_family_run(pipe, call, spec, 4, compiled=True)
-    assert not reasons and longer == graphs
+    _assert_compiles_unbroken(pipe, "transformer", lambda steps: _slot_family_run(pipe, call, spec, steps))
