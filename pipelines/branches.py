@@ -17,7 +17,7 @@ from .perturbation import resolve_layers
 from .row_plan import (PLAN_ARGUMENT, PLAN_KWARG, PlanTimeForward, RowPlan, TimeCondition, active, current,
                        draw_time_noise, embedding_width, install_block, install_processor, install_time_hook,
                        original_processor)
-from .shuffle import BLOCK_KINDS
+from .shuffle import BLOCK_KINDS, draw_permutations
 
 __all__ = ["NetworkBranches", "UNetBranches"]
 
@@ -303,7 +303,10 @@ class NetworkBranches:
                 plan.probes.setdefault(module, []).append((start, end, branch.probe))
             elif branch.perturb is not None:
                 blocks = branch.perturb.kind in BLOCK_KINDS  # whole blocks: skipped or shuffled
-                for _, module in self.layers(model, branch.perturb):
+                layers = self.layers(model, branch.perturb)
+                if branch.perturb.kind == "shuffle":  # TPG: the step's permutations, before the forward
+                    draw_permutations(model, branch.perturb, layers, plan.latent_hw, x_in.device)
+                for _, module in layers:
                     if blocks:
                         install_block(module)
                     else:

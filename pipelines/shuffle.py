@@ -21,6 +21,13 @@ Only blocks whose token sequence carries no position of its own are shuffled: UN
 ``BasicTransformerBlock`` (positions are added before the blocks, or there are none). The flow
 transformers' blocks (rotary positions applied inside attention) and SD3's joint blocks are
 refused by :func:`check_shuffled_blocks` before any model call.
+
+Before the forward. Where every chosen block's token count follows from the latent size (a
+UNet's down / mid / up blocks at their resolutions, a DiT's patches: :func:`token_counts`),
+:func:`draw_permutations` draws the step's permutations before the forward, in the order the
+forward calls the blocks: the same draws from the same stream as the lazy ones, and no
+``randperm`` (a generator a compiled forward cannot trace) inside the forward. Elsewhere they are
+drawn lazily, in the forward.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["BLOCK_KINDS", "SHUFFLED_BLOCKS", "check_shuffled_blocks", "shuffle_tokens", "shuffling_forward"]
+__all__ = ["BLOCK_KINDS", "SHUFFLED_BLOCKS", "check_shuffled_blocks", "draw_permutations", "shuffle_tokens",
+           "shuffling_forward", "token_counts"]
 
 #: The alteration kinds that act on whole transformer blocks (a block's dispatcher, ``plan.blocks``).
 BLOCK_KINDS: tuple[str, ...] = ("skip", "shuffle")
@@ -78,3 +86,94 @@ def shuffling_forward(block: nn.Module, forward: Callable, segments: Sequence[tu
 
     return shuffling
 
+
+
+#: a UNet's sections in the order its forward runs them (not their registration order: down, up, mid)
+_SECTIONS = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def _downsampled(size: tuple[int, int], downsampler: nn.Module) -> tuple[int, int] | None:
+    """The spatial size after a diffusers ``Downsample2D`` (a stride-2 convolution, with the extra
+    right / bottom zero row of ``padding=0``, or a 2 x 2 average pool); None for another module."""
+    conv = getattr(downsampler, "conv", None)
+    if isinstance(conv, nn.Conv2d):
+        extra = 1 if getattr(downsampler, "padding", None) == 0 else 0
+        return tuple((n + 2 * p + extra - k) // s + 1
+                     for n, k, s, p in zip(size, conv.kernel_size, conv.stride, conv.padding))
+    if isinstance(conv, nn.AvgPool2d) and conv.kernel_size == conv.stride == 2 and conv.padding == 0:
+        return tuple((n - 2) // 2 + 1 for n in size)
+    return None
+
+
+def _unet_resolutions(model: nn.Module, latent_hw: tuple[int, int]) -> dict[tuple[str, int], tuple[int, int]] | None:
+    """(section, index) -> the spatial size a UNet's block runs at; None if a down-sampler is not
+    one :func:`_downsampled` knows or conv_in changes the size."""
+    conv_in = getattr(model, "conv_in", None)
+    if not (isinstance(conv_in, nn.Conv2d) and conv_in.stride == (1, 1)
+            and all(2 * p == k - 1 for p, k in zip(conv_in.padding, conv_in.kernel_size))):
+        return None
+    size, sizes = tuple(latent_hw), {}
+    down_blocks = list(getattr(model, "down_blocks", ()))
+    for i, block in enumerate(down_blocks):
+        sizes[("down_blocks", i)] = size
+        downsamplers = getattr(block, "downsamplers", None)
+        if downsamplers:
+            size = _downsampled(size, downsamplers[0])
+            if size is None:
+                return None
+    sizes[("mid_block", 0)] = size
+    for j in range(len(getattr(model, "up_blocks", ()))):  # up block j runs at down block n-1-j's size (its skip)
+        if len(down_blocks) - 1 - j < 0:
+            return None
+        sizes[("up_blocks", j)] = sizes[("down_blocks", len(down_blocks) - 1 - j)]
+    return sizes
+
+
+def _call_key(name: str) -> tuple:
+    """Sort key of a block's name in the order the forward calls it (a UNet's sections, then indices)."""
+    parts = name.split(".")
+    return (_SECTIONS.get(parts[0], 0), *(int(p) if p.isdigit() else -1 for p in parts[1:]))
+
+
+def token_counts(model: nn.Module, latent_hw: tuple[int, int], names: Sequence[str]) -> dict[str, int] | None:
+    """The number of tokens entering each named ``BasicTransformerBlock`` in a forward on latents
+    of spatial size ``latent_hw``: a UNet's (continuous ``Transformer2DModel`` s: one token per
+    latent cell at the block's resolution) or a DiT's (one per ``patch_size`` patch); None where a
+    count does not follow from the names and the model's layout (the forward draws then)."""
+    model = getattr(model, "_orig_mod", model)
+    counts: dict[str, int] = {}
+    if getattr(model, "down_blocks", None) is not None:
+        sizes = _unet_resolutions(model, latent_hw)
+        if sizes is None:
+            return None
+        for name in names:
+            parts = name.split(".")
+            section = parts[0]
+            index = 0 if section == "mid_block" else (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None)
+            size = sizes.get((section, index))
+            if size is None or ".transformer_blocks." not in name:
+                return None
+            transformer = model.get_submodule(name.rsplit(".transformer_blocks.", 1)[0])
+            if not getattr(transformer, "is_input_continuous", False):
+                return None
+            counts[name] = size[0] * size[1]
+        return counts
+    patch = getattr(getattr(model, "config", None), "patch_size", None)
+    if not isinstance(patch, int) or getattr(model, "pos_embed", None) is None:  # not a patch-embedding DiT
+        return None
+    if any(n % patch for n in latent_hw) or not all(name.startswith("transformer_blocks.") for name in names):
+        return None
+    return {name: (latent_hw[0] // patch) * (latent_hw[1] // patch) for name in names}
+
+
+def draw_permutations(model: nn.Module, spec: Any, layers: Sequence[tuple[str, nn.Module]], latent_hw: tuple[int, int],
+                      device: torch.device) -> bool:
+    """Draw ``spec``'s permutations of the chosen ``layers`` (name, block) before the forward, in
+    the order the forward calls them (``spec.permutation`` keeps them for the step: the forward
+    then reads them); False, drawing nothing, where :func:`token_counts` cannot tell their sizes."""
+    counts = token_counts(model, latent_hw, [name for name, _ in layers])
+    if counts is None:
+        return False
+    for name, block in sorted(layers, key=lambda layer: _call_key(layer[0])):
+        spec.permutation(block, counts[name], device)
+    return True

@@ -73,13 +73,13 @@ def test_pag_compiles_into_one_graph_and_equals_the_uncompiled_run(sd_pair) -> N
 
 
 
-@pytest.mark.parametrize("method", ["seg", "slg", "sag", "nag"])
+@pytest.mark.parametrize("method", ["seg", "slg", "sag", "nag", "tpg"])
 def test_the_other_row_plan_methods_compile_on_the_unet_without_a_break(sd_pair, method) -> None:
-    """SEG, SLG, SAG and NAG on the UNet: the plan rides in ``cross_attention_kwargs`` as PAG's,
+    """SEG, SLG, SAG, NAG and TPG on the UNet: the plan rides in ``cross_attention_kwargs`` as PAG's,
     so no graph break and the uncompiled images bit for bit; a longer run compiles no more graphs
-    (SAG: a second for its probe's evaluation)."""
+    (SAG: a second for its probe's evaluation; TPG: its permutations drawn before the forward)."""
     _, guided = sd_pair
-    spec = {"name": method} if method in ("sag", "nag") else {"name": method, "start": 0.0, "stop": 1.0}
+    spec = {"name": method} if method in ("sag", "nag", "tpg") else {"name": method, "start": 0.0, "stop": 1.0}
     _assert_compiles_unbroken(guided, "unet", lambda steps: guided(
         PROMPT, guidance=spec, generator=seeded(0), num_inference_steps=steps, output_type="latent").images)
 

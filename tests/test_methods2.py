@@ -407,6 +407,67 @@ def test_tpg_rows_equal_the_authors_shuffle_on_a_copy(sd_pair) -> None:
         torch.testing.assert_close(mixed[name], plain[name], atol=1e-6, rtol=0)
 
 
+def _block_tokens(model, run) -> dict[str, int]:
+    """The number of tokens entering every ``BasicTransformerBlock`` of ``model`` during ``run()``."""
+    seen: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_, args, kwargs) -> None:
+            seen.setdefault(name, (args[0] if args else kwargs["hidden_states"]).shape[1])
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name), with_kwargs=True)
+             for name, module in model.named_modules() if type(module).__name__ == "BasicTransformerBlock"]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("size", [(16, 16), (13, 11), (1, 5)])
+def test_token_counts_before_the_forward_are_the_forwards(sd_pair, size) -> None:
+    """What :func:`token_counts` predicts from the latent size is what every block of a UNet (its
+    down, mid and up sections, odd sizes included) and of a DiT receives."""
+    from guidance_engine.pipelines.shuffle import token_counts
+    from guidance_engine.pipelines.toy.tiny_models import tiny_dit_components
+    unet = sd_pair[1].unet
+    x = torch.randn(1, 4, *size, generator=seeded(0))
+    seen = _block_tokens(unet, lambda: unet(x, torch.tensor(500), encoder_hidden_states=torch.zeros(1, 77, 32)))
+    assert {"down", "mid", "up"} <= {name.split("_")[0] for name in seen}
+    assert token_counts(unet, size, list(seen)) == seen
+    dit = tiny_dit_components()["transformer"]
+    if all(n % dit.config.patch_size == 0 for n in size):
+        z = torch.randn(1, dit.config.in_channels, *size, generator=seeded(1))
+        seen = _block_tokens(dit, lambda: dit(z, timestep=torch.tensor([500]), class_labels=torch.tensor([3])))
+        assert seen and token_counts(dit, size, list(seen)) == seen
+    else:
+        assert token_counts(dit, size, ["transformer_blocks.0"]) is None  # not whole patches: drawn in the forward
+
+
+def test_tpg_permutations_drawn_before_the_forward_are_the_authors_in_call_order(sd_pair) -> None:
+    """With the mid block chosen too, named out of order: drawn before the forward in the order
+    the forward calls the blocks (down, mid, up), the same stream as the authors' draws inside it."""
+    _, guided = sd_pair
+    branches = _sd_branches(guided)
+    x, t = torch.randn(1, 4, 16, 16, generator=seeded(0)), torch.tensor(500)
+    shuffled = TPG(scale=5.0, seed=11, layers=("up", "mid", "down")).branches(_step(index=2), None)[-1]
+    mixed = branches(x, t, [("cond", None), (shuffled, None)])
+    assert len(shuffled.perturb._drawn) == sum(type(m).__name__ == "BasicTransformerBlock" for m in guided.unet.modules())
+    reference = copy.deepcopy(guided.unet)
+    generator = torch.Generator().manual_seed(step_seed(11, 2))
+    for module in reference.modules():
+        if type(module).__name__ == "BasicTransformerBlock":
+            module.register_forward_pre_hook(lambda _, args, kwargs: (
+                (args[0][:, torch.randperm(args[0].shape[1], generator=generator)], *args[1:]), kwargs), with_kwargs=True)
+    want = reference(x, t, encoder_hidden_states=branches.conditions["cond"]["encoder_hidden_states"]).sample
+    torch.testing.assert_close(mixed["tpg"], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match=r"tpg: block BasicTransformerBlock has 16 tokens in this forward, but its "
+                                           r"permutation of this step was drawn for 256"):
+        shuffled.perturb.permutation(next(iter(shuffled.perturb._drawn)), 16, "cpu")
+
+
 def test_tpg_through_the_sd_pipeline(sd_pair) -> None:
     _, guided = sd_pair
     with_cfg = _latents(guided, TPG(scale=4.0))

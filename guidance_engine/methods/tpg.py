@@ -80,7 +80,11 @@ class TokenShuffle(Perturbation):
         """The permutation of ``tokens`` token positions for ``block`` in this step (a LongTensor)."""
         if block not in self._drawn:
             self._drawn[block] = torch.randperm(tokens, generator=self._generator)
-        return self._drawn[block].to(device)
+        drawn = self._drawn[block]
+        if drawn.shape[0] != tokens:  # drawn before the forward for another size: a wrong count, never reused
+            raise RuntimeError(f"tpg: block {type(block).__name__} has {tokens} tokens in this forward, but its "
+                               f"permutation of this step was drawn for {drawn.shape[0]}")
+        return drawn.to(device)
 
 
 @register
