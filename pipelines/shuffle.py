@@ -87,7 +87,6 @@ def shuffling_forward(block: nn.Module, forward: Callable, segments: Sequence[tu
     return shuffling
 
 
-
 #: a UNet's sections in the order its forward runs them (not their registration order: down, up, mid)
 _SECTIONS = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
