@@ -3,7 +3,8 @@ eager backend: what is traced and where it breaks, without a compiler toolchain)
 into one graph with no graph break and gives the uncompiled images bit for bit; PAG's row-aware
 processors take the row plan as a forward argument, so PAG too compiles into one graph with no
 break and the same images, and CFG on a UNet that PAG has run on stays unbroken; TSG's plan and
-noise reach the time embedding as arguments, so it too compiles without a break; transformers
+noise reach the time embedding as arguments, so it too compiles without a break, as TPG, whose
+permutations are drawn before the forward; transformers
 that hand no attention kwargs on (Z-Image, the video families) read the plan from a per-thread
 slot that dynamo traces (documented in docs/benchmarks.md)."""
 
