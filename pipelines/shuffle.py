@@ -166,13 +166,12 @@ def token_counts(model: nn.Module, latent_hw: tuple[int, int], names: Sequence[s
 
 
 def draw_permutations(model: nn.Module, spec: Any, layers: Sequence[tuple[str, nn.Module]], latent_hw: tuple[int, int],
-                      device: torch.device) -> bool:
+                      device: torch.device) -> None:
     """Draw ``spec``'s permutations of the chosen ``layers`` (name, block) before the forward, in
     the order the forward calls them (``spec.permutation`` keeps them for the step: the forward
-    then reads them); False, drawing nothing, where :func:`token_counts` cannot tell their sizes."""
+    then reads them); nothing where :func:`token_counts` cannot tell their sizes (the forward draws)."""
     counts = token_counts(model, latent_hw, [name for name, _ in layers])
     if counts is None:
-        return False
+        return
     for name, block in sorted(layers, key=lambda layer: _call_key(layer[0])):
         spec.permutation(block, counts[name], device)
-    return True

@@ -334,9 +334,11 @@ def _sd_branches(guided) -> NetworkBranches:
                                          "uncond": {"encoder_hidden_states": embeds[1]}})
 
 
-def _shuffled_reference(unet, seed: int) -> UNet2DConditionModel:
-    """A copy of ``unet`` whose down- and up-block transformer blocks permute their input tokens, one
-    ``torch.randperm`` per block call from one stream, in call order (the authors' rule)."""
+def _shuffled_reference(unet, seed: int, sections: tuple[str, ...] = ("down_blocks.", "up_blocks.")
+                        ) -> UNet2DConditionModel:
+    """A copy of ``unet`` whose transformer blocks in ``sections`` (default: the down and up blocks)
+    permute their input tokens, one ``torch.randperm`` per block call from one stream, in call order
+    (the authors' rule)."""
     reference = copy.deepcopy(unet)
     generator = torch.Generator().manual_seed(seed)
 
@@ -345,7 +347,7 @@ def _shuffled_reference(unet, seed: int) -> UNet2DConditionModel:
         return (hidden[:, torch.randperm(hidden.shape[1], generator=generator)], *args[1:]), kwargs
 
     for name, module in reference.named_modules():
-        if type(module).__name__ == "BasicTransformerBlock" and name.startswith(("down_blocks.", "up_blocks.")):
+        if type(module).__name__ == "BasicTransformerBlock" and name.startswith(sections):
             module.register_forward_pre_hook(shuffle, with_kwargs=True)
     return reference
 
@@ -455,12 +457,7 @@ def test_tpg_permutations_drawn_before_the_forward_are_the_authors_in_call_order
     shuffled = TPG(scale=5.0, seed=11, layers=("up", "mid", "down")).branches(_step(index=2), None)[-1]
     mixed = branches(x, t, [("cond", None), (shuffled, None)])
     assert len(shuffled.perturb._drawn) == sum(type(m).__name__ == "BasicTransformerBlock" for m in guided.unet.modules())
-    reference = copy.deepcopy(guided.unet)
-    generator = torch.Generator().manual_seed(step_seed(11, 2))
-    for module in reference.modules():
-        if type(module).__name__ == "BasicTransformerBlock":
-            module.register_forward_pre_hook(lambda _, args, kwargs: (
-                (args[0][:, torch.randperm(args[0].shape[1], generator=generator)], *args[1:]), kwargs), with_kwargs=True)
+    reference = _shuffled_reference(guided.unet, step_seed(11, 2), ("down_blocks.", "mid_block.", "up_blocks."))
     want = reference(x, t, encoder_hidden_states=branches.conditions["cond"]["encoder_hidden_states"]).sample
     torch.testing.assert_close(mixed["tpg"], want, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match=r"tpg: block BasicTransformerBlock has 16 tokens in this forward, but its "
