@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -156,6 +157,35 @@ def test_a_bad_shape_weight_is_refused_before_any_training(tmp_path, weight) -> 
     with pytest.raises(ValueError, match=rf"--shape-weight: must be a finite number >= 1 .*got {weight}"):
         train_video.main(["--out", str(tmp_path / "m"), "--shape-weight", weight])
     assert not (tmp_path / "m.work").exists()
+
+
+@pytest.mark.parametrize("scale", ["-0.1", "nan", "inf"])
+def test_a_bad_text_lr_scale_is_refused_before_any_training(tmp_path, scale) -> None:
+    with pytest.raises(ValueError, match=rf"--text-lr-scale: must be a finite number >= 0 .*got {scale}"):
+        train_video.main(["--out", str(tmp_path / "m"), "--text-lr-scale", scale])
+    assert not (tmp_path / "m.work").exists()
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_text_lr_scale_zero_leaves_the_text_encoder_as_built(scale) -> None:
+    """``--text-lr-scale 0``: two transformer-stage steps change the transformer and leave the text
+    encoder (live and EMA) bit for bit as built; any other scale trains it."""
+    torch.manual_seed(0)
+    tokenizer = train_video.build_tokenizer()
+    text_encoder, _, transformer = train_video.build_models(tokenizer)
+    built_text = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    built_transformer = {k: v.clone() for k, v in transformer.state_dict().items()}
+    latents = torch.randn(4, train_video.LATENT_CHANNELS, 3, 4, 4)
+    captions = [PROMPT, "a large yellow triangle moving down on a white background"] * 2
+    args = argparse.Namespace(lr=1e-3, text_lr_scale=scale, steps=2, batch=2, ema=0.998, shape_weight=1.0)
+    ema_transformer, ema_text, _ = train_video.train_transformer(
+        transformer, text_encoder, tokenizer, latents, captions, args, torch.Generator().manual_seed(0), [])
+
+    def unchanged(model, built):
+        return all(torch.equal(v, built[k]) for k, v in model.state_dict().items())
+    assert not unchanged(transformer, built_transformer) and not unchanged(ema_transformer, built_transformer)
+    assert unchanged(text_encoder, built_text) is (scale == 0) and unchanged(ema_text, built_text) is (scale == 0)
+    assert not ema_text.training
 
 
 def test_latent_shape_mask_marks_the_cells_the_shape_crosses() -> None:

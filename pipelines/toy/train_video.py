@@ -10,7 +10,9 @@ float16 transformer / VAE, float32 text encoder) that loads with
 
 * tokenizer: the UMT5-style Unigram tokenizer of :mod:`.tiny_wan` whose word pieces are the
   data set's caption words (:data:`.moving_shapes.VOCABULARY`);
-* text encoder: a 2-layer, 64-wide ``UMT5EncoderModel``, trained jointly with the transformer;
+* text encoder: a 2-layer, 64-wide ``UMT5EncoderModel``, trained jointly with the transformer
+  at ``--lr`` x ``--text-lr-scale`` (0 keeps it frozen at its random init, as Wan keeps its
+  pretrained UMT5 frozen; docs/video.md measures both);
 * VAE: an ``AutoencoderKLWan`` (Wan's causal 3-D VAE) on 2 x 2 pixel patches (``patch_size=2``,
   as Wan 2.2's VAE), 16/32/32 channels, two down-sampling stages, both temporal: 9 x 32 x 32 x 3
   clips -> 3 x 4 x 4 x 16 latents (temporal factor 4, spatial 8); trained first (L1 + 0.1 L2 +
@@ -331,22 +333,28 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
                       captions: list[str], args: argparse.Namespace, gen: torch.Generator, losses: list,
                       shape_mask: torch.Tensor | None = None):
     """Stage 2: transformer + text encoder by flow matching; returns (EMA transformer, EMA text
-    encoder, seconds). ``latents``: the data's, in the transformer's normalised space.
+    encoder, seconds). ``latents``: the data's, in the transformer's normalised space. The text
+    encoder learns at ``args.text_lr_scale`` x the transformer's rate; at 0 it is frozen (evaluation
+    mode, no dropout, as sampling runs it) and returned as built.
     ``shape_mask`` (:func:`latent_shape_mask`) with ``--shape-weight`` w > 1: the latent cells of the
     shape weigh w in the loss (the background fills most cells; the words that only move or
     reshape the shape otherwise barely reach the loss). A reweighted objective: its optimum leans
     towards clips with the shape where the noisy input leaves it open, not the plain flow velocity."""
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    train_text = args.text_lr_scale > 0
+    groups = [{"params": list(transformer.parameters()), "scale": 1.0}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "scale": args.text_lr_scale})
+    params = [p for group in groups for p in group["params"]]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4)
     ema_transformer = copy.deepcopy(transformer).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     transformer.train()
-    text_encoder.train()
+    text_encoder.train(train_text).requires_grad_(train_text)  # frozen: no dropout, as at sampling
     start = time.time()
     with padded_context(transformer) as processors:
         for step in (bar := tqdm(range(args.steps), desc="transformer")):
             for g in opt.param_groups:
-                g["lr"] = _lr(args.lr, step, args.steps, 100, 0.1)
+                g["lr"] = g["scale"] * _lr(args.lr, step, args.steps, 100, 0.1)
             idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
             x0 = latents[idx]
             drop = (torch.rand(args.batch, generator=gen) < UNCOND_PROBABILITY).tolist()
@@ -367,7 +375,7 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
             opt.step()
             decay = min(args.ema, (1 + step) / (10 + step))  # a short EMA early, the long one later
             with torch.no_grad():
-                for ema, live in ((ema_transformer, transformer), (ema_text, text_encoder)):
+                for ema, live in ((ema_transformer, transformer), (ema_text, text_encoder))[:1 + train_text]:
                     for pe, p in zip(ema.parameters(), live.parameters()):
                         pe.lerp_(p, 1 - decay)
             losses.append({"stage": "transformer", "step": step + 1, "loss": loss.item()})
@@ -443,6 +451,9 @@ def train(args: argparse.Namespace) -> Path:
     if not (math.isfinite(args.shape_weight) and args.shape_weight >= 1.0):
         raise ValueError(f"--shape-weight: must be a finite number >= 1 (1 = plain flow matching), "
                          f"got {args.shape_weight!r}")
+    if not (math.isfinite(args.text_lr_scale) and args.text_lr_scale >= 0.0):
+        raise ValueError(f"--text-lr-scale: must be a finite number >= 0 (0 = a frozen text encoder), "
+                         f"got {args.text_lr_scale!r}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = Path(args.work or f"{out}.work")
@@ -506,7 +517,7 @@ def train(args: argparse.Namespace) -> Path:
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema, "init_from": args.init_from,
             "uncond_probability": UNCOND_PROBABILITY, "threads": args.threads, "fp16": bool(args.fp16),
             "decoder_steps": args.decoder_steps, "decoder_noise": args.decoder_noise, "head_dim": args.head_dim,
-            "shape_weight": args.shape_weight,
+            "shape_weight": args.shape_weight, "text_lr_scale": args.text_lr_scale,
             "padded_context_error": error, "vae_seconds": vae_seconds, "transformer_seconds": seconds,
             "decoder_seconds": decoder_seconds, "spatial_factor": args.spatial_factor,
             "vae_reconstruction_scores": vae_scores,
@@ -548,6 +559,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="continue the transformer stage from the transformer and text encoder saved in this "
                    "folder (new optimiser and schedule, batches from seed + 3); with --resume for the VAE stages")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--text-lr-scale", type=float, default=1.0,
+                   help="transformer stage: the text encoder's learning rate, times --lr (0 = frozen at its random "
+                   "init, as Wan's pretrained UMT5 is frozen)")
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="save float32 weights")
