@@ -350,6 +350,7 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     transformer.train()
     text_encoder.train(train_text).requires_grad_(train_text)  # frozen: no dropout, as at sampling
+    averaged = [(ema_transformer, transformer)] + ([(ema_text, text_encoder)] if train_text else [])
     start = time.time()
     with padded_context(transformer) as processors:
         for step in (bar := tqdm(range(args.steps), desc="transformer")):
@@ -375,7 +376,7 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
             opt.step()
             decay = min(args.ema, (1 + step) / (10 + step))  # a short EMA early, the long one later
             with torch.no_grad():
-                for ema, live in ((ema_transformer, transformer), (ema_text, text_encoder))[:1 + train_text]:
+                for ema, live in averaged:
                     for pe, p in zip(ema.parameters(), live.parameters()):
                         pe.lerp_(p, 1 - decay)
             losses.append({"stage": "transformer", "step": step + 1, "loss": loss.item()})
