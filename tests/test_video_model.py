@@ -179,13 +179,102 @@ def test_text_lr_scale_zero_leaves_the_text_encoder_as_built(scale) -> None:
     captions = [PROMPT, "a large yellow triangle moving down on a white background"] * 2
     args = argparse.Namespace(lr=1e-3, text_lr_scale=scale, steps=2, batch=2, ema=0.998, shape_weight=1.0)
     ema_transformer, ema_text, _ = train_video.train_transformer(
-        transformer, text_encoder, tokenizer, latents, captions, args, torch.Generator().manual_seed(0), [])
+        transformer, text_encoder, tokenizer, [train_video.Source(latents, captions, 2)], 2, args,
+        torch.Generator().manual_seed(0), [])
 
     def unchanged(model, built):
         return all(torch.equal(v, built[k]) for k, v in model.state_dict().items())
     assert not unchanged(transformer, built_transformer) and not unchanged(ema_transformer, built_transformer)
     assert unchanged(text_encoder, built_text) is (scale == 0) and unchanged(ema_text, built_text) is (scale == 0)
     assert not ema_text.training
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--direction-steps", "-1", r"--direction-steps: must be an integer >= 0 .*got -1"),
+    ("--direction-mix", "1.0", r"--direction-mix: must be a number in \[0, 1\) .*got 1.0"),
+    ("--direction-mix", "-0.1", r"--direction-mix: must be a number in \[0, 1\) .*got -0.1"),
+    ("--direction-mix", "nan", r"--direction-mix: must be a number in \[0, 1\) .*got nan"),
+    ("--n-direction", "0", r"--n-direction: must be an integer >= 1, got 0"),
+])
+def test_bad_direction_options_are_refused_before_any_training(tmp_path, option, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        train_video.main(["--out", str(tmp_path / "m"), option, value])
+    assert not (tmp_path / "m.work").exists()
+
+
+def test_direction_only_clips_share_everything_but_the_motion() -> None:
+    """``make_dataset(..., fixed=DIRECTION_ONLY)``: every clip is the large red circle on blue, its
+    caption says so (size included), the rendered direction is the caption's, all four occur; a
+    fixed attribute outside the data set's classes is refused."""
+    clips, captions, labels = moving_shapes.make_dataset(40, seed=2, fixed=moving_shapes.DIRECTION_ONLY)
+    for name, value in moving_shapes.DIRECTION_ONLY.items():
+        assert (labels[name] == moving_shapes.ATTRIBUTES[name].index(value)).all()
+    assert {caption.replace(moving_shapes.DIRECTIONS[d], "{d}") for caption, d in zip(captions, labels["direction"])} \
+        == {"a large red circle moving {d} on a blue background"}
+    assert set(labels["direction"].tolist()) == {0, 1, 2, 3}
+    found = np.array([motion_direction(clip)[0] for clip in clips])
+    assert np.array_equal(found, labels["direction"])
+    with pytest.raises(ValueError, match=r"fixed\['color'\]: must be one of .*got 'purple'"):
+        moving_shapes.make_dataset(2, fixed={"color": "purple"})
+    with pytest.raises(ValueError, match=r"background must differ from the shape colour"):
+        moving_shapes.make_dataset(2, fixed={"color": "red", "background": "red"})
+
+
+def test_a_mixed_batch_takes_its_rows_from_each_source(monkeypatch) -> None:
+    """``--direction-mix``: every transformer-stage batch is ``rows`` rows of the data set followed
+    by ``rows`` of the direction-only clips (captions as drawn, some emptied for CFG), and the
+    step's latents are those rows'."""
+    tokenizer = train_video.build_tokenizer()
+    text_encoder, _, transformer = train_video.build_models(tokenizer)
+    data = train_video.Source(torch.zeros(5, train_video.LATENT_CHANNELS, 3, 4, 4), ["a red square"] * 5, 3)
+    focus = train_video.Source(torch.ones(4, train_video.LATENT_CHANNELS, 3, 4, 4), ["a large red circle"] * 4, 1)
+    seen, encode, forward = [], train_video.encode_captions, train_video._padded_forward
+
+    def record_texts(tokenizer, text_encoder, texts, *rest, **kwargs):
+        seen.append(list(texts))
+        return encode(tokenizer, text_encoder, texts, *rest, **kwargs)
+
+    inputs = []
+
+    def record_inputs(transformer, processors, x, sigma, context, bias):
+        inputs.append((x.detach().clone(), sigma.clone()))
+        return forward(transformer, processors, x, sigma, context, bias)
+    monkeypatch.setattr(train_video, "encode_captions", record_texts)
+    monkeypatch.setattr(train_video, "_padded_forward", record_inputs)
+    args = argparse.Namespace(lr=1e-3, text_lr_scale=0.0, ema=0.998, shape_weight=1.0)
+    train_video.train_transformer(transformer, text_encoder, tokenizer, [data, focus], 6, args,
+                                  torch.Generator().manual_seed(0), [])
+    assert len(seen) == 6 and all(len(texts) == 4 for texts in seen)
+    assert all(t in ("", "a red square") for texts in seen for t in texts[:3])
+    assert all(texts[3] in ("", "a large red circle") for texts in seen)
+    assert any(texts[3] for texts in seen) and any(t for texts in seen for t in texts[:3])
+    # x = (1 - s) x0 + s eps with x0 = 0 in the data rows, 1 in the focus row: a row's mean is
+    # (1 - s) x0 up to s times the mean of 768 normal draws (sd 0.036)
+    assert all(x.shape[0] == 4 for x, _ in inputs)
+    for x, sigma in inputs:
+        expected = (1 - sigma) * torch.tensor([0.0, 0.0, 0.0, 1.0])
+        assert torch.allclose(x.mean(dim=(1, 2, 3, 4)), expected, atol=0.15)
+    assert any(float(sigma[3]) < 0.6 for _, sigma in inputs)  # some steps tell the rows apart
+
+
+def test_the_script_runs_its_stages_and_saves_a_loadable_pipeline(tmp_path) -> None:
+    """``train_video`` end to end on a few clips and steps, with the direction-only stage and a
+    mixed main stage: each stage's losses are logged, the settings recorded, and the saved folder
+    loads as a GuidedWanPipeline that generates a clip of the data set's size."""
+    out = tmp_path / "m"
+    train_video.main(["--out", str(out), "--vae-steps", "1", "--steps", "2", "--decoder-steps", "1", "--n-train", "8",
+                      "--batch", "4", "--direction-steps", "2", "--direction-mix", "0.25", "--n-direction", "4",
+                      "--no-fp16"])
+    stages = [row.split(",")[0] for row in (tmp_path / "m.work" / "losses.csv").read_text().split()[1:]]
+    assert stages == ["vae", "direction", "direction", "transformer", "transformer", "decoder"]
+    info = json.loads((tmp_path / "m.work" / "train_info.json").read_text())
+    assert (info["direction_steps"], info["direction_mix"], info["direction_rows"]) == (2, 0.25, 1)
+    assert set(info["final_losses_last100"]) == {"vae", "direction", "transformer", "decoder"}
+    trained = load_pipeline(str(out))
+    trained.set_progress_bar_config(disable=True)
+    frames = trained(PROMPT, num_inference_steps=1, num_frames=moving_shapes.NUM_FRAMES, height=32, width=32,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape[1:] == (moving_shapes.NUM_FRAMES, 32, 32, 3) and np.isfinite(frames).all()
 
 
 def test_latent_shape_mask_marks_the_cells_the_shape_crosses() -> None:

@@ -42,7 +42,7 @@ import numpy as np
 from . import shapes
 
 __all__ = [
-    "ATTRIBUTES", "DIRECTIONS", "IMAGE_SIZE", "MARGIN", "NUM_FRAMES", "TRAVEL", "VOCABULARY", "caption",
+    "ATTRIBUTES", "DIRECTIONS", "DIRECTION_ONLY", "IMAGE_SIZE", "MARGIN", "NUM_FRAMES", "TRAVEL", "VOCABULARY", "caption",
     "labels_of", "make_dataset", "parse_prompt", "render_clip", "sample_attributes", "track",
 ]
 
@@ -73,26 +73,49 @@ VOCABULARY: tuple[str, ...] = (
 )
 
 
+#: The attributes of the direction-only clips (:func:`make_dataset`'s ``fixed``): the one prompt
+#: family "a large red circle moving {direction} on a blue background", which the default video
+#: model's training mixes in so that the direction word is learnt (docs/video.md).
+DIRECTION_ONLY = {"shape": "circle", "color": "red", "background": "blue", "size": "large"}
+
+
 def _bounds(size: str) -> tuple[float, float]:
     """Lowest and highest centre coordinate that keeps a shape of ``size`` :data:`MARGIN` inside."""
     r = _RADIUS[size]
     return r + MARGIN, IMAGE_SIZE - r - MARGIN
 
 
-def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw one clip's attributes.
+def _check_fixed(fixed: dict[str, str]) -> None:
+    for name, value in fixed.items():
+        if name not in ATTRIBUTES:
+            raise ValueError(f"fixed: attributes are {sorted(ATTRIBUTES)}, got {name!r}")
+        if value not in ATTRIBUTES[name]:
+            raise ValueError(f"fixed[{name!r}]: must be one of {list(ATTRIBUTES[name])}, got {value!r}")
+    if "color" in fixed and fixed.get("background") == fixed["color"]:
+        raise ValueError(f"fixed: the background must differ from the shape colour, got both {fixed['color']!r}")
+
+
+def sample_attributes(rng: np.random.Generator, fixed: dict[str, str] | None = None) -> dict[str, Any]:
+    """Draw one clip's attributes; those named in ``fixed`` (``{"shape": "circle", ...}``) are
+    taken as given instead of drawn (and a fixed size is always said in the caption).
 
     Returns a dict with the class names ``shape``, ``color``, ``background``, ``size``,
     ``direction``; the rendering details ``fg_rgb`` / ``bg_rgb`` (jittered colours), ``start``
     (the centre (x, y) in the first frame, pixels) and ``travel`` (pixels to the last frame);
-    and the caption flag ``say_size``.
+    and the caption flag ``say_size``. Without ``fixed`` the draws are those of every earlier
+    version (the data set of a seed does not change).
     """
-    shape = shapes.SHAPES[rng.integers(len(shapes.SHAPES))]
-    color = shapes.COLORS[rng.integers(len(shapes.COLORS))]
-    backgrounds = [b for b in shapes.BACKGROUNDS if b != color]
-    background = backgrounds[rng.integers(len(backgrounds))]
-    size = shapes.SIZES[rng.integers(len(shapes.SIZES))]
-    direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+    fixed = fixed or {}
+    _check_fixed(fixed)
+
+    def draw(name: str, choices) -> str:
+        return fixed[name] if name in fixed else choices[rng.integers(len(choices))]
+
+    shape = draw("shape", shapes.SHAPES)
+    color = draw("color", shapes.COLORS)
+    background = draw("background", [b for b in shapes.BACKGROUNDS if b != color])
+    size = draw("size", shapes.SIZES)
+    direction = draw("direction", DIRECTIONS)
     low, high = _bounds(size)
     travel = float(rng.uniform(*TRAVEL))
     travel = min(travel, high - low)  # a large shape has 14 px of room: never more than that
@@ -109,7 +132,7 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
     return {
         "shape": shape, "color": color, "background": background, "size": size, "direction": direction,
         "fg_rgb": fg, "bg_rgb": bg, "start": (float(start[0]), float(start[1])), "travel": travel,
-        "say_size": bool(rng.random() >= _OMIT_SIZE_PROBABILITY),
+        "say_size": bool(rng.random() >= _OMIT_SIZE_PROBABILITY) or "size" in fixed,
     }
 
 
@@ -166,20 +189,24 @@ def parse_prompt(prompt: str) -> dict[str, int]:
     return out
 
 
-def make_dataset(n: int, seed: int = 0) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+def make_dataset(n: int, seed: int = 0, fixed: dict[str, str] | None = None
+                 ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
     """``n`` clips from ``seed``: (clips ``uint8 [n, 9, 32, 32, 3]``, captions, labels).
 
     ``labels`` maps every attribute name of :data:`ATTRIBUTES` to an ``int64 [n]`` array of the
-    rendered classes, whether or not the caption names it.
+    rendered classes, whether or not the caption names it. ``fixed``: attributes every clip
+    shares (:func:`sample_attributes`), e.g. :data:`DIRECTION_ONLY`, where only the direction
+    (and the path, the colour jitter) varies.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n: must be an integer >= 0, got {n!r}")
+    _check_fixed(fixed or {})
     rng = np.random.default_rng(seed)
     clips = np.empty((n, NUM_FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     captions: list[str] = []
     labels = {name: np.empty(n, dtype=np.int64) for name in ATTRIBUTES}
     for i in range(n):
-        attrs = sample_attributes(rng)
+        attrs = sample_attributes(rng, fixed)
         clips[i] = render_clip(attrs)
         captions.append(caption(attrs))
         for name, value in labels_of(attrs).items():

@@ -28,6 +28,12 @@ float16 transformer / VAE, float32 text encoder) that loads with
   (``flow_prediction``), timestep ``1000 s``, with s drawn as ``3 u / (1 + 2 u)``, u uniform (the
   shift 3 that the sampling schedule uses), 15 % empty captions so that classifier-free guidance
   works; the shipped weights are an EMA;
+* direction clips (``--direction-steps``, ``--direction-mix``): clips where only the direction
+  varies ("a large red circle moving {direction} on a blue background",
+  :data:`.moving_shapes.DIRECTION_ONLY`, ``--n-direction`` of them from seed + 4): a first
+  transformer stage on them alone, whose EMA starts the main stage, and a share of every main-stage
+  batch. On the full data set the background and colour words take the loss and the direction
+  word is not learnt; alone, it is (docs/video.md, sessions 16-17);
 * decoder stage: the VAE's decoder alone, on the frozen encoder's latents (the transformer's data,
   so the transformer stays valid) with a little latent noise, after the transformer stage (or on
   its own, ``--decoder-only``, from the VAE stage's checkpoint);
@@ -58,7 +64,7 @@ import csv
 import math
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -329,18 +335,30 @@ def latent_shape_mask(clips: np.ndarray, latent_hw: tuple[int, int]) -> torch.Te
     return torch.cat(masks)
 
 
-def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tensor,
-                      captions: list[str], args: argparse.Namespace, gen: torch.Generator, losses: list,
-                      shape_mask: torch.Tensor | None = None):
-    """Stage 2: transformer + text encoder by flow matching; returns (EMA transformer, EMA text
-    encoder, seconds). ``latents``: the data's, in the transformer's normalised space. The text
-    encoder learns at ``args.text_lr_scale`` x the transformer's rate; at 0 it is frozen (evaluation
-    mode, no dropout, as sampling runs it) and returned as built.
-    ``shape_mask`` (:func:`latent_shape_mask`) with ``--shape-weight`` w > 1: the latent cells of the
-    shape weigh w in the loss (the background fills most cells; the words that only move or
-    reshape the shape otherwise barely reach the loss). A reweighted objective: its optimum leans
-    towards clips with the shape where the noisy input leaves it open, not the plain flow velocity."""
+class Source(NamedTuple):
+    """Where a transformer-stage batch draws ``rows`` of its rows: the normalised ``latents``, their
+    ``captions`` and (``--shape-weight``) their :func:`latent_shape_mask`."""
+    latents: torch.Tensor
+    captions: list[str]
+    rows: int
+    shape_mask: torch.Tensor | None = None
+
+
+def train_transformer(transformer, text_encoder, tokenizer, sources: list[Source], steps: int,
+                      args: argparse.Namespace, gen: torch.Generator, losses: list, stage: str = "transformer"):
+    """Stage 2: transformer + text encoder by flow matching for ``steps`` steps; returns (EMA
+    transformer, EMA text encoder, seconds). Each batch takes ``source.rows`` rows of every source
+    (the data set alone, or the data set and the direction-only clips of ``--direction-mix``); the
+    latents are in the transformer's normalised space. The text encoder learns at
+    ``args.text_lr_scale`` x the transformer's rate; at 0 it is frozen (evaluation mode, no
+    dropout, as sampling runs it) and returned as built.
+    ``shape_mask`` with ``--shape-weight`` w > 1: the latent cells of the shape weigh w in the loss
+    (the background fills most cells; the words that only move or reshape the shape otherwise
+    barely reach the loss). A reweighted objective: its optimum leans towards clips with the shape
+    where the noisy input leaves it open, not the plain flow velocity."""
     train_text = args.text_lr_scale > 0
+    batch = sum(source.rows for source in sources)
+    weighted = args.shape_weight != 1.0
     groups = [{"params": list(transformer.parameters()), "scale": 1.0}]
     if train_text:
         groups.append({"params": list(text_encoder.parameters()), "scale": args.text_lr_scale})
@@ -353,22 +371,24 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
     averaged = [(ema_transformer, transformer)] + ([(ema_text, text_encoder)] if train_text else [])
     start = time.time()
     with padded_context(transformer) as processors:
-        for step in (bar := tqdm(range(args.steps), desc="transformer")):
+        for step in (bar := tqdm(range(steps), desc=stage)):
             for g in opt.param_groups:
-                g["lr"] = g["scale"] * _lr(args.lr, step, args.steps, 100, 0.1)
-            idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
-            x0 = latents[idx]
-            drop = (torch.rand(args.batch, generator=gen) < UNCOND_PROBABILITY).tolist()
-            texts = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
+                g["lr"] = g["scale"] * _lr(args.lr, step, steps, 100, 0.1)
+            picks = [torch.randint(0, len(source.latents), (source.rows,), generator=gen) for source in sources]
+            x0 = torch.cat([source.latents[idx] for source, idx in zip(sources, picks)])
+            captions = [source.captions[i] for source, idx in zip(sources, picks) for i in idx.tolist()]
+            drop = (torch.rand(batch, generator=gen) < UNCOND_PROBABILITY).tolist()
+            texts = ["" if d else caption for d, caption in zip(drop, captions)]
             context, bias = encode_captions(tokenizer, text_encoder, texts)
             eps = torch.randn(x0.shape, generator=gen)
-            sigma = flow_sigmas(torch.rand(args.batch, generator=gen))
+            sigma = flow_sigmas(torch.rand(batch, generator=gen))
             s = sigma.view(-1, 1, 1, 1, 1)
             pred = _padded_forward(transformer, processors, (1 - s) * x0 + s * eps, sigma, context, bias)
-            if shape_mask is None or args.shape_weight == 1.0:
+            if not weighted:
                 loss = F.mse_loss(pred, eps - x0)
             else:
-                weight = 1.0 + (args.shape_weight - 1.0) * shape_mask[idx].float()
+                mask = torch.cat([source.shape_mask[idx] for source, idx in zip(sources, picks)])
+                weight = 1.0 + (args.shape_weight - 1.0) * mask.float()
                 loss = (weight * (pred - (eps - x0)) ** 2).mean() / weight.expand_as(pred).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -379,7 +399,7 @@ def train_transformer(transformer, text_encoder, tokenizer, latents: torch.Tenso
                 for ema, live in averaged:
                     for pe, p in zip(ema.parameters(), live.parameters()):
                         pe.lerp_(p, 1 - decay)
-            losses.append({"stage": "transformer", "step": step + 1, "loss": loss.item()})
+            losses.append({"stage": stage, "step": step + 1, "loss": loss.item()})
             bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
     return ema_transformer.eval(), ema_text.eval(), time.time() - start
 
@@ -455,6 +475,14 @@ def train(args: argparse.Namespace) -> Path:
     if not (math.isfinite(args.text_lr_scale) and args.text_lr_scale >= 0.0):
         raise ValueError(f"--text-lr-scale: must be a finite number >= 0 (0 = a frozen text encoder), "
                          f"got {args.text_lr_scale!r}")
+    if isinstance(args.direction_steps, bool) or not isinstance(args.direction_steps, int) or args.direction_steps < 0:
+        raise ValueError(f"--direction-steps: must be an integer >= 0 (0 = no direction-only stage), "
+                         f"got {args.direction_steps!r}")
+    if not (math.isfinite(args.direction_mix) and 0.0 <= args.direction_mix < 1.0):
+        raise ValueError(f"--direction-mix: must be a number in [0, 1) (the share of each batch that is "
+                         f"direction-only clips), got {args.direction_mix!r}")
+    if isinstance(args.n_direction, bool) or not isinstance(args.n_direction, int) or args.n_direction < 1:
+        raise ValueError(f"--n-direction: must be an integer >= 1, got {args.n_direction!r}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = Path(args.work or f"{out}.work")
@@ -502,9 +530,28 @@ def train(args: argparse.Namespace) -> Path:
     if args.init_from:  # a continuation: the saved transformer and text encoder, other batches
         transformer, text_encoder = _saved_networks(Path(args.init_from))
         gen.manual_seed(args.seed + 3)
-    mask = latent_shape_mask(clips, tuple(mean.shape[-2:])) if args.shape_weight != 1.0 else None
-    ema_transformer, ema_text, seconds = train_transformer(transformer, text_encoder, tokenizer, normalised, captions,
-                                                           args, gen, losses, mask)
+    def source(latents, texts, video, rows):
+        mask = latent_shape_mask(video, tuple(latents.shape[-2:])) if args.shape_weight != 1.0 else None
+        return Source(latents, texts, rows, mask)
+
+    direction_seconds = 0.0
+    if args.direction_steps or args.direction_mix:
+        # the clips where only the direction varies, in the data set's normalised latent space
+        direction_clips, direction_captions, _ = moving_shapes.make_dataset(args.n_direction, args.seed + 4,
+                                                                           moving_shapes.DIRECTION_ONLY)
+        direction_latents = (data_latents(vae, direction_clips) - channel_mean.view(view)) / channel_std.view(view)
+    if args.direction_steps:  # curriculum: the direction word first, alone
+        ema_transformer, ema_text, direction_seconds = train_transformer(
+            transformer, text_encoder, tokenizer,
+            [source(direction_latents, direction_captions, direction_clips, args.batch)],
+            args.direction_steps, args, gen, losses, stage="direction")
+        transformer, text_encoder = copy.deepcopy(ema_transformer), copy.deepcopy(ema_text)  # the next stage's start
+    mixed = round(args.direction_mix * args.batch)
+    sources = [source(normalised, captions, clips, args.batch - mixed)]
+    if mixed:
+        sources.append(source(direction_latents, direction_captions, direction_clips, mixed))
+    ema_transformer, ema_text, seconds = train_transformer(transformer, text_encoder, tokenizer, sources, args.steps,
+                                                           args, gen, losses)
     decoder_seconds = decoder_stage(vae, mean, clips, args, work, losses)
     save_model(out, ema_transformer, vae, ema_text, tokenizer, args.fp16)
     with open(work / "losses.csv", "w", newline="") as f:
@@ -512,13 +559,16 @@ def train(args: argparse.Namespace) -> Path:
         writer.writeheader()
         writer.writerows(losses)
     final = {stage: float(np.mean([r["loss"] for r in losses if r["stage"] == stage][-100:]))
-             for stage in ("vae", "transformer", "decoder")}
+             for stage in ("vae", "direction", "transformer", "decoder")
+             if any(r["stage"] == stage for r in losses)}
     info = {"seed": args.seed, "n_train": args.n_train, "vae_steps": args.vae_steps, "vae_batch": args.vae_batch,
             "vae_lr": args.vae_lr, "kl_weight": args.kl_weight, "vae_shape_weight": args.vae_shape_weight,
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema, "init_from": args.init_from,
             "uncond_probability": UNCOND_PROBABILITY, "threads": args.threads, "fp16": bool(args.fp16),
             "decoder_steps": args.decoder_steps, "decoder_noise": args.decoder_noise, "head_dim": args.head_dim,
             "shape_weight": args.shape_weight, "text_lr_scale": args.text_lr_scale,
+            "direction_steps": args.direction_steps, "direction_mix": args.direction_mix,
+            "direction_rows": mixed, "n_direction": args.n_direction, "direction_seconds": direction_seconds,
             "padded_context_error": error, "vae_seconds": vae_seconds, "transformer_seconds": seconds,
             "decoder_seconds": decoder_seconds, "spatial_factor": args.spatial_factor,
             "vae_reconstruction_scores": vae_scores,
@@ -563,6 +613,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-lr-scale", type=float, default=1.0,
                    help="transformer stage: the text encoder's learning rate, times --lr (0 = frozen at its random "
                    "init, as Wan's pretrained UMT5 is frozen)")
+    p.add_argument("--direction-steps", type=int, default=0,
+                   help="a first transformer stage of this many steps on direction-only clips (one shape, colour, "
+                   "background; moving_shapes.DIRECTION_ONLY), whose EMA starts the main stage (0 = none)")
+    p.add_argument("--direction-mix", type=float, default=0.0,
+                   help="main transformer stage: the share of each batch drawn from the direction-only clips, "
+                   "in [0, 1) (rounded to whole rows)")
+    p.add_argument("--n-direction", type=int, default=2000, help="direction-only clips (seed + 4)")
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="save float32 weights")
