@@ -262,14 +262,24 @@ def test_the_script_runs_its_stages_and_saves_a_loadable_pipeline(tmp_path) -> N
     mixed main stage: each stage's losses are logged, the settings recorded, and the saved folder
     loads as a GuidedWanPipeline that generates a clip of the data set's size."""
     out = tmp_path / "m"
-    train_video.main(["--out", str(out), "--vae-steps", "1", "--steps", "2", "--decoder-steps", "1", "--n-train", "8",
-                      "--batch", "4", "--direction-steps", "2", "--direction-mix", "0.25", "--n-direction", "4",
-                      "--no-fp16"])
+    argv = ["--out", str(out), "--vae-steps", "1", "--steps", "2", "--decoder-steps", "1", "--n-train", "8",
+            "--batch", "4", "--direction-steps", "2", "--direction-mix", "0.25", "--n-direction", "4",
+            "--text-lr-scale", "0", "--no-fp16"]
+    train_video.main(argv)
     stages = [row.split(",")[0] for row in (tmp_path / "m.work" / "losses.csv").read_text().split()[1:]]
     assert stages == ["vae", "direction", "direction", "transformer", "transformer", "decoder"]
     info = json.loads((tmp_path / "m.work" / "train_info.json").read_text())
     assert (info["direction_steps"], info["direction_mix"], info["direction_rows"]) == (2, 0.25, 1)
     assert set(info["final_losses_last100"]) == {"vae", "direction", "transformer", "decoder"}
+    # the main stage trains the transformer the direction stage handed over (a frozen text encoder
+    # gives the loss no other path to a gradient)
+    direction = torch.load(tmp_path / "m.work" / "direction_stage.pt", weights_only=False)["transformer"]
+    saved, _ = train_video._saved_networks(out)
+    assert any(not torch.equal(v, direction[k]) for k, v in saved.state_dict().items())
+    # --resume reuses the VAE, direction and decoder stages and gives the same transformer
+    train_video.main([*argv, "--resume"])
+    again, _ = train_video._saved_networks(out)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in again.state_dict().items())
     trained = load_pipeline(str(out))
     trained.set_progress_bar_config(disable=True)
     frames = trained(PROMPT, num_inference_steps=1, num_frames=moving_shapes.NUM_FRAMES, height=32, width=32,

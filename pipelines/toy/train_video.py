@@ -366,7 +366,7 @@ def train_transformer(transformer, text_encoder, tokenizer, sources: list[Source
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4)
     ema_transformer = copy.deepcopy(transformer).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
-    transformer.train()
+    transformer.train().requires_grad_(True)  # a previous stage's EMA copy comes without gradients
     text_encoder.train(train_text).requires_grad_(train_text)  # frozen: no dropout, as at sampling
     averaged = [(ema_transformer, transformer)] + ([(ema_text, text_encoder)] if train_text else [])
     start = time.time()
@@ -440,6 +440,33 @@ def decoder_stage(vae, latents: torch.Tensor, clips: np.ndarray, args: argparse.
     torch.save({"vae": vae.state_dict(), "losses": mine, "seconds": seconds}, path)
     losses += mine
     return seconds
+
+
+def direction_stage(transformer, text_encoder, tokenizer, clips: Source, args: argparse.Namespace,
+                    gen: torch.Generator, work: Path, losses: list):
+    """The ``--direction-steps`` stage on the direction-only clips; returns its EMA transformer and
+    text encoder (the main stage's start) and its seconds. Saved as ``<work>/direction_stage.pt``
+    with the generator's state after it; ``--resume`` reuses it when its settings are these."""
+    path = work / "direction_stage.pt"
+    settings = {name: getattr(args, name) for name in ("direction_steps", "n_direction", "batch", "lr",
+                                                        "text_lr_scale", "ema", "shape_weight", "seed")}
+    if args.resume and path.exists():
+        state = torch.load(path, weights_only=False)
+        if state["settings"] == settings:
+            transformer.load_state_dict(state["transformer"])
+            text_encoder.load_state_dict(state["text_encoder"])
+            gen.set_state(state["gen"])
+            losses += state["losses"]
+            print(f"resumed: the direction stage of {path}")
+            return transformer.eval(), text_encoder.eval(), state["seconds"]
+        print(f"not resumed: {path} was trained with {state['settings']}, not {settings}")
+    mine: list[dict] = []
+    transformer, text_encoder, seconds = train_transformer(transformer, text_encoder, tokenizer, [clips],
+                                                           args.direction_steps, args, gen, mine, stage="direction")
+    torch.save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "gen": gen.get_state(), "losses": mine, "seconds": seconds, "settings": settings}, path)
+    losses += mine
+    return transformer, text_encoder, seconds
 
 
 def patch_decoder(out: Path, vae, fp16: bool) -> Path:
@@ -541,11 +568,9 @@ def train(args: argparse.Namespace) -> Path:
                                                                            moving_shapes.DIRECTION_ONLY)
         direction_latents = (data_latents(vae, direction_clips) - channel_mean.view(view)) / channel_std.view(view)
     if args.direction_steps:  # curriculum: the direction word first, alone
-        ema_transformer, ema_text, direction_seconds = train_transformer(
-            transformer, text_encoder, tokenizer,
-            [source(direction_latents, direction_captions, direction_clips, args.batch)],
-            args.direction_steps, args, gen, losses, stage="direction")
-        transformer, text_encoder = copy.deepcopy(ema_transformer), copy.deepcopy(ema_text)  # the next stage's start
+        transformer, text_encoder, direction_seconds = direction_stage(
+            transformer, text_encoder, tokenizer, source(direction_latents, direction_captions, direction_clips,
+                                                         args.batch), args, gen, work, losses)
     mixed = round(args.direction_mix * args.batch)
     sources = [source(normalised, captions, clips, args.batch - mixed)]
     if mixed:
