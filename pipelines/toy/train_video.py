@@ -10,12 +10,13 @@ float16 transformer / VAE, float32 text encoder) that loads with
 
 * tokenizer: the UMT5-style Unigram tokenizer of :mod:`.tiny_wan` whose word pieces are the
   data set's caption words (:data:`.moving_shapes.VOCABULARY`);
-* text encoder: a 2-layer, 64-wide ``UMT5EncoderModel``, trained jointly with the transformer
-  at ``--lr`` x ``--text-lr-scale`` (0 keeps it frozen at its random init, as Wan keeps its
-  pretrained UMT5 frozen; docs/video.md measures both);
-* VAE: an ``AutoencoderKLWan`` (Wan's causal 3-D VAE) on 2 x 2 pixel patches (``patch_size=2``,
-  as Wan 2.2's VAE), 16/32/32 channels, two down-sampling stages, both temporal: 9 x 32 x 32 x 3
-  clips -> 3 x 4 x 4 x 16 latents (temporal factor 4, spatial 8); trained first (L1 + 0.1 L2 +
+* text encoder: a 2-layer, 64-wide ``UMT5EncoderModel``, frozen at its random init by default
+  (``--text-lr-scale 0``, as Wan keeps its pretrained UMT5 frozen: trained jointly, it learnt to
+  leave the direction word out), or trained with the transformer at ``--lr`` x ``--text-lr-scale``;
+* VAE: an ``AutoencoderKLWan`` (Wan's causal 3-D VAE), 16/32/32 channels, two down-sampling
+  stages, both temporal: 9 x 32 x 32 x 3 clips -> 3 x 8 x 8 x 16 latents (temporal factor 4,
+  spatial 4, the shipped model; ``--spatial-factor 8`` puts it on 2 x 2 pixel patches,
+  ``patch_size=2`` as Wan 2.2's VAE: 3 x 4 x 4 x 16, which loses the shape); trained first (L1 + 0.1 L2 +
   1e-6 KL, shape pixels weighted x4, as the image default's VAE) as a deterministic autoencoder:
   the posterior mean is decoded, and is the transformer's data (a first run decoding posterior
   samples still had posterior stds of 0.5-1.0 against latent spreads of 0.3-3.0 after 600 steps,
@@ -23,8 +24,8 @@ float16 transformer / VAE, float32 text encoder) that loads with
   noise); its ``latents_mean`` / ``latents_std`` are the per-channel statistics of the data's
   latents, so that the pipeline's ``z * std + mean`` de-normalisation maps the transformer's
   unit-variance space to the VAE's;
-* transformer: a ``WanTransformer3DModel`` (4 blocks, 4 heads of 16, 1 x 1 x 1 patches: 48 video
-  tokens), trained by flow matching as Wan: ``x_s = (1 - s) x0 + s eps``, target ``eps - x0``
+* transformer: a ``WanTransformer3DModel`` (4 blocks, 2 heads of 32 (``--head-dim``), 1 x 1 x 1
+  patches: 192 video tokens), trained by flow matching as Wan: ``x_s = (1 - s) x0 + s eps``, target ``eps - x0``
   (``flow_prediction``), timestep ``1000 s``, with s drawn as ``3 u / (1 + 2 u)``, u uniform (the
   shift 3 that the sampling schedule uses), 15 % empty captions so that classifier-free guidance
   works; the shipped weights are an EMA;
@@ -50,9 +51,10 @@ sees what the stock call feeds it.
 
 Everything is seeded (``--seed``); the data set is ``moving_shapes.make_dataset(--n-train, seed)``.
 ``<work>`` (default ``<out>.work``) receives ``losses.csv``, ``train_info.json``, and the
-checkpoints ``vae_stage.pt`` and ``decoder_stage.pt`` (``--resume`` reuses them: only the
-transformer stage runs again). ``--init-from DIR`` continues the transformer stage from a saved
-pipeline's transformer and text encoder. Defaults: docs/video.md (about 48 minutes on 2 shared cores).
+checkpoints ``vae_stage.pt``, ``direction_stage.pt`` and ``decoder_stage.pt`` (``--resume`` reuses
+them: only the main transformer stage runs again). ``--init-from DIR`` continues the transformer
+stage from a saved pipeline's transformer and text encoder. The defaults are the shipped model's
+recipe (docs/video.md).
 """
 
 from __future__ import annotations
@@ -612,17 +614,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="reuse <work>/vae_stage.pt: train the transformer only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=6000, help="clips in the training set")
-    p.add_argument("--spatial-factor", type=int, choices=SPATIAL_FACTORS, default=8,
-                   help="the VAE's spatial down-sampling: 8 (4 x 4 latents a frame, the shipped model) or 4 (8 x 8)")
-    p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, default=16,
+    p.add_argument("--spatial-factor", type=int, choices=SPATIAL_FACTORS, default=4,
+                   help="the VAE's spatial down-sampling: 4 (8 x 8 latents a frame, the shipped model) or 8 (4 x 4)")
+    p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, default=32,
                    help="the transformer's attention head width (64 // it heads): finer rotary positions")
     p.add_argument("--vae-only", action="store_true", help="stop after the VAE stage (and its reconstruction scores)")
-    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--vae-shape-weight", type=float, default=4.0, help="loss weight of shape pixels")
-    p.add_argument("--steps", type=int, default=1500, help="transformer + text-encoder steps")
+    p.add_argument("--steps", type=int, default=3000, help="main transformer-stage steps")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--shape-weight", type=float, default=1.0,
                    help="transformer stage: loss weight of the shape's latent cells (1 = plain flow matching)")
@@ -635,13 +637,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="continue the transformer stage from the transformer and text encoder saved in this "
                    "folder (new optimiser and schedule, batches from seed + 3); with --resume for the VAE stages")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--text-lr-scale", type=float, default=1.0,
+    p.add_argument("--text-lr-scale", type=float, default=0.0,
                    help="transformer stage: the text encoder's learning rate, times --lr (0 = frozen at its random "
                    "init, as Wan's pretrained UMT5 is frozen)")
-    p.add_argument("--direction-steps", type=int, default=0,
+    p.add_argument("--direction-steps", type=int, default=1500,
                    help="a first transformer stage of this many steps on direction-only clips (one shape, colour, "
                    "background; moving_shapes.DIRECTION_ONLY), whose EMA starts the main stage (0 = none)")
-    p.add_argument("--direction-mix", type=float, default=0.0,
+    p.add_argument("--direction-mix", type=float, default=0.25,
                    help="main transformer stage: the share of each batch drawn from the direction-only clips, "
                    "in [0, 1) (rounded to whole rows)")
     p.add_argument("--n-direction", type=int, default=2000, help="direction-only clips (seed + 4)")
