@@ -280,6 +280,11 @@ def test_the_script_runs_its_stages_and_saves_a_loadable_pipeline(tmp_path) -> N
     train_video.main([*argv, "--resume"])
     again, _ = train_video._saved_networks(out)
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in again.state_dict().items())
+    # a continuation (--init-from) goes on with the main stage: no second direction-only stage
+    train_video.main([*argv, "--resume", "--init-from", str(out), "--out", str(tmp_path / "continued"),
+                      "--work", str(tmp_path / "m.work")])
+    stages = [row.split(",")[0] for row in (tmp_path / "m.work" / "losses.csv").read_text().split()[1:]]
+    assert stages == ["vae", "transformer", "transformer", "decoder"]
     trained = load_pipeline(str(out))
     trained.set_progress_bar_config(disable=True)
     frames = trained(PROMPT, num_inference_steps=1, num_frames=moving_shapes.NUM_FRAMES, height=32, width=32,

@@ -451,7 +451,8 @@ def direction_stage(transformer, text_encoder, tokenizer, clips: Source, args: a
     with the generator's state after it; ``--resume`` reuses it when its settings are these."""
     path = work / "direction_stage.pt"
     settings = {name: getattr(args, name) for name in ("direction_steps", "n_direction", "batch", "lr",
-                                                        "text_lr_scale", "ema", "shape_weight", "seed")}
+                                                        "text_lr_scale", "ema", "shape_weight", "seed", "n_train",
+                                                        "spatial_factor", "head_dim")}
     if args.resume and path.exists():
         state = torch.load(path, weights_only=False)
         if state["settings"] == settings:
@@ -559,6 +560,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.init_from:  # a continuation: the saved transformer and text encoder, other batches
         transformer, text_encoder = _saved_networks(Path(args.init_from))
         gen.manual_seed(args.seed + 3)
+
     def source(latents, texts, video, rows):
         mask = latent_shape_mask(video, tuple(latents.shape[-2:])) if args.shape_weight != 1.0 else None
         return Source(latents, texts, rows, mask)
@@ -569,7 +571,8 @@ def train(args: argparse.Namespace) -> Path:
         direction_clips, direction_captions, _ = moving_shapes.make_dataset(args.n_direction, args.seed + 4,
                                                                            moving_shapes.DIRECTION_ONLY)
         direction_latents = (data_latents(vae, direction_clips) - channel_mean.view(view)) / channel_std.view(view)
-    if args.direction_steps:  # curriculum: the direction word first, alone
+    if args.direction_steps and not args.init_from:  # curriculum: the direction word first, alone
+        # (a continuation, --init-from, goes on with the main stage)
         transformer, text_encoder, direction_seconds = direction_stage(
             transformer, text_encoder, tokenizer, source(direction_latents, direction_captions, direction_clips,
                                                          args.batch), args, gen, work, losses)
@@ -642,7 +645,8 @@ def main(argv: list[str] | None = None) -> None:
                    "init, as Wan's pretrained UMT5 is frozen)")
     p.add_argument("--direction-steps", type=int, default=1500,
                    help="a first transformer stage of this many steps on direction-only clips (one shape, colour, "
-                   "background; moving_shapes.DIRECTION_ONLY), whose EMA starts the main stage (0 = none)")
+                   "background; moving_shapes.DIRECTION_ONLY), whose EMA starts the main stage (0 = none; "
+                   "skipped with --init-from)")
     p.add_argument("--direction-mix", type=float, default=0.25,
                    help="main transformer stage: the share of each batch drawn from the direction-only clips, "
                    "in [0, 1) (rounded to whole rows)")
