@@ -177,7 +177,7 @@ def test_text_lr_scale_zero_leaves_the_text_encoder_as_built(scale) -> None:
     built_transformer = {k: v.clone() for k, v in transformer.state_dict().items()}
     latents = torch.randn(4, train_video.LATENT_CHANNELS, 3, 4, 4)
     captions = [PROMPT, "a large yellow triangle moving down on a white background"] * 2
-    args = argparse.Namespace(lr=1e-3, text_lr_scale=scale, steps=2, batch=2, ema=0.998, shape_weight=1.0)
+    args = argparse.Namespace(lr=1e-3, text_lr_scale=scale, ema=0.998, shape_weight=1.0)
     ema_transformer, ema_text, _ = train_video.train_transformer(
         transformer, text_encoder, tokenizer, [train_video.Source(latents, captions, 2)], 2, args,
         torch.Generator().manual_seed(0), [])

@@ -42,8 +42,8 @@ import numpy as np
 from . import shapes
 
 __all__ = [
-    "ATTRIBUTES", "DIRECTIONS", "DIRECTION_ONLY", "IMAGE_SIZE", "MARGIN", "NUM_FRAMES", "TRAVEL", "VOCABULARY", "caption",
-    "labels_of", "make_dataset", "parse_prompt", "render_clip", "sample_attributes", "track",
+    "ATTRIBUTES", "DIRECTIONS", "DIRECTION_ONLY", "IMAGE_SIZE", "MARGIN", "NUM_FRAMES", "TRAVEL", "VOCABULARY",
+    "caption", "labels_of", "make_dataset", "parse_prompt", "render_clip", "sample_attributes", "track",
 ]
 
 IMAGE_SIZE = shapes.IMAGE_SIZE

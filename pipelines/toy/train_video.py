@@ -566,20 +566,20 @@ def train(args: argparse.Namespace) -> Path:
         return Source(latents, texts, rows, mask)
 
     direction_seconds = 0.0
-    if args.direction_steps or args.direction_mix:
+    curriculum = bool(args.direction_steps) and not args.init_from  # a continuation goes on with the main stage
+    mixed = round(args.direction_mix * args.batch)
+    if curriculum or mixed:
         # the clips where only the direction varies, in the data set's normalised latent space
         direction_clips, direction_captions, _ = moving_shapes.make_dataset(args.n_direction, args.seed + 4,
                                                                            moving_shapes.DIRECTION_ONLY)
         direction_latents = (data_latents(vae, direction_clips) - channel_mean.view(view)) / channel_std.view(view)
-    if args.direction_steps and not args.init_from:  # curriculum: the direction word first, alone
-        # (a continuation, --init-from, goes on with the main stage)
-        transformer, text_encoder, direction_seconds = direction_stage(
-            transformer, text_encoder, tokenizer, source(direction_latents, direction_captions, direction_clips,
-                                                         args.batch), args, gen, work, losses)
-    mixed = round(args.direction_mix * args.batch)
+        direction = source(direction_latents, direction_captions, direction_clips, args.batch)
+    if curriculum:  # the direction word first, alone
+        transformer, text_encoder, direction_seconds = direction_stage(transformer, text_encoder, tokenizer, direction,
+                                                                       args, gen, work, losses)
     sources = [source(normalised, captions, clips, args.batch - mixed)]
     if mixed:
-        sources.append(source(direction_latents, direction_captions, direction_clips, mixed))
+        sources.append(direction._replace(rows=mixed))
     ema_transformer, ema_text, seconds = train_transformer(transformer, text_encoder, tokenizer, sources, args.steps,
                                                            args, gen, losses)
     decoder_seconds = decoder_stage(vae, mean, clips, args, work, losses)
